@@ -1,0 +1,886 @@
+#!/usr/bin/env python3
+"""End-to-end conversion benchmark: weightport vs ``cp -r`` vs LitGPT's own converters.
+
+One run of this script
+
+1. writes a random (not zero) bf16 Hugging Face checkpoint shaped like Meta-Llama-3-8B
+   (~16 GB of sharded safetensors + ``model.safetensors.index.json`` + a transformers
+   ``config.json``), one tensor at a time so the generator itself stays small;
+2. measures, each in its own subprocess and from a cold page cache, wall time and peak RSS of
+
+   ===================  ========================================  =========================================
+   direction            baseline                                  contenders
+   ===================  ========================================  =========================================
+   HF -> LitGPT         ``cp -r HF_DIR X``                        ``weightport convert HF_DIR LIT --to litgpt``,
+                                                                  LitGPT ``convert_hf_checkpoint``
+   LitGPT -> HF         ``cp -r LIT_DIR Y``                       ``weightport convert LIT HF_BACK --to hf``,
+                                                                  LitGPT ``convert_lit_checkpoint``
+   ===================  ========================================  =========================================
+
+3. checks that the converted tensors are bit-identical to the source / to LitGPT's output
+   (``--no-verify`` skips it; it is not part of any timing), and
+4. writes a Markdown report (default ``docs/benchmarks.md``) with the targets marked met/missed.
+
+Usage (from the repository root)::
+
+    python3 bench/bench_convert.py --scale small            # ~1 minute smoke test (tiny Llama)
+    python3 bench/bench_convert.py --scale medium           # real 8B widths, 4 layers (~3.9 GB)
+    python3 bench/bench_convert.py                          # the real thing: full Llama-3-8B (~16 GB)
+
+Useful options: ``--workdir DIR`` (default ``bench-work/``, git-ignored), ``--keep`` (keep the
+generated checkpoint and outputs; a kept checkpoint is reused by the next run),
+``--skip-litgpt``, ``--skip-weightport``, ``--weightport-cmd "..."`` (or env ``WEIGHTPORT_CMD``),
+``--output FILE`` for the report.
+
+Why the design is the way it is
+-------------------------------
+* **The parent process imports no torch.** On Linux a child's ``ru_maxrss`` starts from the RSS
+  high-water mark of the process that forked it (``exec`` keeps the old mm's hiwater in
+  ``signal->maxrss``): a 3 GB parent makes ``/bin/true`` report 3 GB. So everything that needs
+  torch (generating, verifying, running LitGPT) runs in a child of its own and this process stays
+  at a few MB, which is then also the measurement floor.
+* **Cold cache.** Before every measured command we ``sync`` and, when we may (root), write ``3``
+  to ``/proc/sys/vm/drop_caches``, so each tool reads its input from disk, as after a fresh
+  download. Without that permission the runs are "warm but not controlled"; the report says which.
+* **Time until durable.** After a command exits we time a ``sync``: tools that leave gigabytes of
+  dirty pages behind and tools that ``fsync`` are then compared fairly. The ratios use
+  ``wall + sync``; the plain process wall time is reported too.
+* **Peak RSS** is the child's ``ru_maxrss`` from ``os.wait4`` (it includes file pages the tool
+  has mapped and touched, e.g. through ``mmap``, because that is what the kernel counts). A
+  10 Hz sampler of ``/proc/PID/status`` additionally reports the peak anonymous RSS, to tell the
+  two apart.
+* **Disk.** At most three model-sized trees exist at once (source, one kept intermediate, one
+  output under test); every output is deleted as soon as it has been measured (and verified),
+  and the script refuses to start (and re-checks before each step) when there is not room.
+
+Only the standard library is used here; the ``_generate``/``_verify`` sub-commands (run with the
+weightport venv's Python) use torch + safetensors, ``_litgpt_*`` run inside the LitGPT venv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+THIS = Path(__file__).resolve()
+GIB = 1024**3
+
+# --------------------------------------------------------------------------------------------
+# Model shapes
+# --------------------------------------------------------------------------------------------
+
+#: ``full`` must match LitGPT's built-in "Llama-3-8B" entry (litgpt/config.py: hf_config
+#: meta-llama/Meta-Llama-3-8B, padded_vocab_size 128256, n_query_groups 8, intermediate 14336,
+#: rope_base 500000), because LitGPT's converter takes the config from the directory name.
+#: The other scales are not in LitGPT's table; their LitGPT Config is registered in the LitGPT
+#: child before the unmodified converter runs (see ``_litgpt_hf2lit``).
+SCALES = {
+    "full": dict(
+        org="meta-llama", name="Meta-Llama-3-8B", litgpt_builtin=True,
+        hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=128256,
+        tokenizer_vocab=128000, max_pos=8192, shard_bytes=5_000_000_000,
+    ),
+    # Real 8B widths (so per-tensor sizes, incl. the 1 GB embedding, are realistic) but 4 layers:
+    # ~3.9 GB, about a quarter of the full run. Good to extrapolate the full run's duration.
+    "medium": dict(
+        org="weightport-bench", name="weightport-bench-llama3-8b-4layers", litgpt_builtin=False,
+        hidden=4096, layers=4, heads=32, kv_heads=8, intermediate=14336, vocab=128256,
+        tokenizer_vocab=128000, max_pos=8192, shard_bytes=1_000_000_000,
+    ),
+    # Tiny smoke test; small shards so that sharding (and q/k/v split across shards) is exercised.
+    "small": dict(
+        org="weightport-bench", name="weightport-bench-tiny-llama", litgpt_builtin=False,
+        hidden=256, layers=2, heads=8, kv_heads=2, intermediate=512, vocab=1024,
+        tokenizer_vocab=1000, max_pos=2048, shard_bytes=1_000_000,
+    ),
+}
+ROPE_THETA = 500000.0
+RMS_EPS = 1e-5
+SEED = 1234
+
+
+def llama_tensors(s: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """HF LlamaForCausalLM parameter names and shapes, in ``model.state_dict()`` order (which is
+    the order ``save_pretrained`` assigns tensors to shards)."""
+    e, i, v = s["hidden"], s["intermediate"], s["vocab"]
+    hd = e // s["heads"]
+    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (v, e))]
+    for l in range(s["layers"]):
+        p = f"model.layers.{l}."
+        out += [
+            (p + "self_attn.q_proj.weight", (s["heads"] * hd, e)),
+            (p + "self_attn.k_proj.weight", (s["kv_heads"] * hd, e)),
+            (p + "self_attn.v_proj.weight", (s["kv_heads"] * hd, e)),
+            (p + "self_attn.o_proj.weight", (e, s["heads"] * hd)),
+            (p + "mlp.gate_proj.weight", (i, e)),
+            (p + "mlp.up_proj.weight", (i, e)),
+            (p + "mlp.down_proj.weight", (e, i)),
+            (p + "input_layernorm.weight", (e,)),
+            (p + "post_attention_layernorm.weight", (e,)),
+        ]
+    out += [("model.norm.weight", (e,)), ("lm_head.weight", (v, e))]  # untied lm_head
+    return out
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def model_bytes(s: dict) -> int:
+    return sum(2 * numel(sh) for _, sh in llama_tensors(s))
+
+
+def plan_shards(s: dict) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """Greedy split like transformers' ``max_shard_size``: start a new shard when the next tensor
+    would overflow the current one (a tensor larger than the limit gets a shard of its own).
+    As in the real Llama-3-8B checkpoint, one layer's q/k/v can end up in different shards."""
+    shards: list[list] = [[]]
+    size = 0
+    for name, shape in llama_tensors(s):
+        nbytes = 2 * numel(shape)
+        if shards[-1] and size + nbytes > s["shard_bytes"]:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
+    return shards
+
+
+def shard_name(k: int, n: int) -> str:
+    return f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+
+
+def hf_config(s: dict) -> dict:
+    """A transformers ``config.json`` for LlamaForCausalLM (the real Meta-Llama-3-8B one for
+    ``full``). Both ``torch_dtype`` (transformers < 4.56) and ``dtype`` (newer) are written."""
+    big = s["vocab"] > 128001
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 128000 if big else 1,
+        "eos_token_id": 128001 if big else 2,
+        "head_dim": s["hidden"] // s["heads"],
+        "hidden_act": "silu",
+        "hidden_size": s["hidden"],
+        "initializer_range": 0.02,
+        "intermediate_size": s["intermediate"],
+        "max_position_embeddings": s["max_pos"],
+        "mlp_bias": False,
+        "model_type": "llama",
+        "num_attention_heads": s["heads"],
+        "num_hidden_layers": s["layers"],
+        "num_key_value_heads": s["kv_heads"],
+        "pretraining_tp": 1,
+        "rms_norm_eps": RMS_EPS,
+        "rope_scaling": None,
+        "rope_theta": ROPE_THETA,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "dtype": "bfloat16",
+        "transformers_version": "4.40.0",
+        "use_cache": True,
+        "vocab_size": s["vocab"],
+    }
+
+
+def litgpt_config(s: dict) -> dict:
+    """LitGPT Config kwargs for the non-built-in scales, mirroring the built-in Llama-3-8B entry."""
+    return dict(
+        name=s["name"], hf_config=dict(org=s["org"], name=s["name"]),
+        block_size=s["max_pos"], vocab_size=s["tokenizer_vocab"], padded_vocab_size=s["vocab"],
+        n_layer=s["layers"], n_embd=s["hidden"], n_head=s["heads"], n_query_groups=s["kv_heads"],
+        rotary_percentage=1.0, parallel_residual=False, bias=False, norm_class_name="RMSNorm",
+        norm_eps=RMS_EPS, mlp_class_name="LLaMAMLP", intermediate_size=s["intermediate"],
+        rope_base=int(ROPE_THETA),
+    )
+
+
+# Placeholder side files. LitGPT's converters do not need a tokenizer, but a downloaded HF repo
+# has these and a converter is expected to carry them over, so they are present (tiny, valid).
+def side_files(s: dict) -> dict[str, object]:
+    cfg = hf_config(s)
+    return {
+        "generation_config.json": {
+            "bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"],
+            "transformers_version": cfg["transformers_version"],
+        },
+        "tokenizer_config.json": {
+            "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+            "model_max_length": s["max_pos"], "tokenizer_class": "PreTrainedTokenizerFast",
+            "comment": "placeholder written by weightport bench/bench_convert.py",
+        },
+        # A minimal but valid `tokenizers` WordLevel tokenizer (the real one is ~9 MB).
+        "tokenizer.json": {
+            "version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": [], "normalizer": None,
+            "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
+            "model": {"type": "WordLevel", "vocab": {"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3},
+                      "unk_token": "<unk>"},
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Sub-command _generate (torch venv): stream a random HF checkpoint to disk
+# --------------------------------------------------------------------------------------------
+
+def _generate(scale: str, out_dir: Path) -> None:
+    import concurrent.futures
+
+    import torch
+
+    s = SCALES[scale]
+    shards = plan_shards(s)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    total = 0
+    chunk_elems = 16 * 1024 * 1024  # 32 MB of bf16 per generated chunk: keeps RSS ~100 MB
+    # Writing a chunk (a syscall that releases the GIL) overlaps generating the next one.
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    pending = None
+    t0 = time.perf_counter()
+    for k, tensors in enumerate(shards):
+        fname = shard_name(k, len(shards))
+        # Same layout as the safetensors library writes: data in name order, contiguous offsets.
+        tensors = sorted(tensors)
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        off = 0
+        for name, shape in tensors:
+            nbytes = 2 * numel(shape)
+            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + nbytes]}
+            off += nbytes
+            weight_map[name] = fname
+        total += off
+        hbytes = json.dumps(header, separators=(",", ":")).encode()
+        hbytes += b" " * (-len(hbytes) % 8)  # pad to 8 bytes, as the library does
+        with open(out_dir / fname, "wb") as f:
+            f.write(struct.pack("<Q", len(hbytes)))
+            f.write(hbytes)
+            for name, shape in tensors:
+                # A seed per tensor (from its name): reproducible whatever the sharding.
+                g = torch.Generator().manual_seed(SEED ^ zlib.crc32(name.encode()))
+                n = numel(shape)
+                # RMSNorm weights ~ 1 (as in a trained model), everything else ~ N(0, 0.02).
+                mean = 1.0 if name.endswith("norm.weight") else 0.0
+                for start in range(0, n, chunk_elems):
+                    buf = torch.empty(min(chunk_elems, n - start), dtype=torch.bfloat16)
+                    buf.normal_(mean, 0.02, generator=g)
+                    raw = buf.view(torch.int16).numpy()  # little-endian bf16 bytes (x86)
+                    if pending is not None:
+                        pending.result()
+                    pending = pool.submit(f.write, raw)
+            if pending is not None:
+                pending.result()
+                pending = None
+        print(f"  wrote {fname} ({off / 1e9:.2f} GB, {len(tensors)} tensors) "
+              f"t={time.perf_counter() - t0:.0f}s", flush=True)
+    pool.shutdown()
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (out_dir / "config.json").write_text(json.dumps(hf_config(s), indent=2) + "\n")
+    for fname, content in side_files(s).items():
+        (out_dir / fname).write_text(json.dumps(content, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Sub-command _verify (torch venv): are the converted tensors bit-identical?
+# --------------------------------------------------------------------------------------------
+
+def _load_any(path: Path) -> dict:
+    """name -> tensor (lazy where possible) for a lit_model.pth / model.pth file or a HF dir."""
+    import torch
+    from safetensors import safe_open
+
+    if path.is_dir():
+        for cand in ("lit_model.pth", "model.pth"):
+            if (path / cand).is_file():
+                return _load_any(path / cand)
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no lit_model.pth, model.pth or *.safetensors in {path}")
+        out = {}
+        for f in files:
+            h = safe_open(str(f), framework="pt")  # lazy: get_tensor reads one tensor
+            for k in h.keys():
+                if k in out:
+                    raise ValueError(f"tensor {k} is in more than one shard of {path}")
+                out[k] = (h, k)
+        return out
+    sd = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+    return sd.get("model", sd)
+
+
+def _verify(a: Path, b: Path) -> None:
+    """Compare every tensor of A and B (names, dtype, shape, bytes). Prints one JSON line."""
+    import torch
+
+    def get(v):
+        return v[0].get_tensor(v[1]) if isinstance(v, tuple) else v
+
+    da, db = _load_any(a), _load_any(b)
+    only_a, only_b = sorted(set(da) - set(db)), sorted(set(db) - set(da))
+    bad = []
+    for k in sorted(set(da) & set(db)):
+        ta, tb = get(da[k]), get(db[k])
+        if ta.dtype != tb.dtype or ta.shape != tb.shape or not torch.equal(ta, tb):
+            bad.append(f"{k}: {ta.dtype}{tuple(ta.shape)} vs {tb.dtype}{tuple(tb.shape)}")
+        del ta, tb
+    res = {"ok": not (only_a or only_b or bad), "compared": len(set(da) & set(db)),
+           "only_a": only_a[:5], "only_b": only_b[:5], "n_only_a": len(only_a),
+           "n_only_b": len(only_b), "mismatch": bad[:5], "n_mismatch": len(bad)}
+    print("VERIFY " + json.dumps(res), flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Sub-commands _litgpt_* (LitGPT venv): LitGPT's own converters, unmodified
+# --------------------------------------------------------------------------------------------
+
+def _litgpt_hf2lit(ckpt_dir: Path, extra_config_json: str) -> None:
+    # Non-built-in shapes: register the Config in the table Config.from_name looks at first, then
+    # call the converter exactly as `litgpt convert_to_litgpt` does (name = directory name).
+    extra = json.loads(extra_config_json)
+    if extra:
+        import litgpt.config
+
+        litgpt.config.name_to_config[extra["name"]] = extra
+    from litgpt.scripts.convert_hf_checkpoint import convert_hf_checkpoint
+
+    convert_hf_checkpoint(checkpoint_dir=ckpt_dir)
+
+
+def _litgpt_lit2hf(ckpt_dir: Path, out_dir: Path) -> None:
+    from litgpt.scripts.convert_lit_checkpoint import convert_lit_checkpoint
+
+    convert_lit_checkpoint(checkpoint_dir=ckpt_dir, output_dir=out_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def try_drop_caches() -> bool:
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def dir_bytes(p: Path) -> int:
+    if p.is_file():
+        return p.stat().st_size
+    total = 0
+    for root, _dirs, files in os.walk(p):  # does not follow symlinked dirs; lstat on files
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def rm(p: Path) -> None:
+    if p.is_symlink() or p.is_file():
+        p.unlink()
+    elif p.exists():
+        shutil.rmtree(p)
+
+
+class Sampler(threading.Thread):
+    """Polls /proc/PID/status at 10 Hz for the peak anonymous / file-backed RSS of the direct
+    child. (ru_maxrss is exact but cannot tell an anonymous buffer from a touched mmap page.)"""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.stop, self.anon_kib, self.file_kib = pid, threading.Event(), 0, 0
+
+    def run(self) -> None:
+        path = f"/proc/{self.pid}/status"
+        while not self.stop.is_set():
+            try:
+                with open(path) as f:
+                    for line in f:
+                        if line.startswith("RssAnon:"):
+                            self.anon_kib = max(self.anon_kib, int(line.split()[1]))
+                        elif line.startswith("RssFile:"):
+                            self.file_kib = max(self.file_kib, int(line.split()[1]))
+            except (OSError, ValueError, IndexError):
+                pass
+            self.stop.wait(0.1)
+
+
+class Runner:
+    def __init__(self, workdir: Path, cold: bool, dry_disk_margin: int):
+        self.logs = workdir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.cold = cold
+        self.margin = dry_disk_margin
+        self.workdir = workdir
+
+    def need_space(self, nbytes: int, what: str) -> None:
+        free = shutil.disk_usage(self.workdir).free
+        if free < nbytes + self.margin:
+            raise SystemExit(
+                f"error: not enough free disk in {self.workdir} for {what}: need "
+                f"{(nbytes + self.margin) / GIB:.1f} GiB (incl. {self.margin / GIB:.1f} GiB margin), "
+                f"have {free / GIB:.1f} GiB. Free some space or use --workdir on a bigger disk.")
+
+    def measure(self, label: str, argv: list[str], env: dict | None = None) -> dict:
+        """Run argv once from a cold cache; return wall/sync time, peak RSS and exit status."""
+        logf = self.logs / (label.replace(" ", "_").replace("/", "-") + ".log")
+        if self.cold:
+            try_drop_caches()
+        else:
+            os.sync()
+        log(f"{label}: {shlex.join(argv)}")
+        with open(logf, "wb") as out:
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                    stdin=subprocess.DEVNULL)
+            sampler = Sampler(proc.pid)
+            sampler.start()
+            _pid, status, ru = os.wait4(proc.pid, 0)
+            t1 = time.perf_counter()
+            sampler.stop.set()
+            proc.returncode = os.waitstatus_to_exitcode(status)  # we reaped it ourselves
+            os.sync()  # time until the output is durable (see module docstring)
+            t2 = time.perf_counter()
+        sampler.join()
+        r = dict(label=label, argv=argv, rc=proc.returncode, wall=t1 - t0, sync=t2 - t1,
+                 total=t2 - t0, maxrss_kib=ru.ru_maxrss, anon_kib=sampler.anon_kib,
+                 file_kib=sampler.file_kib, user=ru.ru_utime, sys=ru.ru_stime, log=str(logf))
+        msg = (f"  -> rc={r['rc']} wall={r['wall']:.2f}s +sync {r['sync']:.2f}s "
+               f"peak RSS {r['maxrss_kib'] / 2**20:.2f} GiB (anon {r['anon_kib'] / 2**20:.2f} GiB)")
+        log(msg)
+        if r["rc"] != 0:
+            tail = logf.read_text(errors="replace").strip().splitlines()[-15:]
+            log("  FAILED; last lines of " + str(logf) + ":\n      " + "\n      ".join(tail))
+        return r
+
+    def helper(self, label: str, argv: list[str]) -> str:
+        """Run an unmeasured helper (generator / verifier); return its stdout, raise on failure."""
+        logf = self.logs / (label + ".log")
+        log(f"{label}: {shlex.join(argv)}")
+        with open(logf, "wb") as out:
+            rc = subprocess.call(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        text = logf.read_text(errors="replace")
+        if rc != 0:
+            raise RuntimeError(f"{label} failed (rc={rc}); see {logf}:\n" + "\n".join(text.splitlines()[-20:]))
+        return text
+
+
+def verify(runner: Runner, py: str, label: str, a: Path, b: Path) -> dict:
+    try:
+        text = runner.helper("verify-" + label, [py, str(THIS), "_verify", str(a), str(b)])
+        line = [l for l in text.splitlines() if l.startswith("VERIFY ")][-1]
+        res = json.loads(line[len("VERIFY "):])
+    except Exception as e:  # a verifier crash (e.g. unreadable output) is a failed check
+        res = {"ok": False, "error": str(e).splitlines()[0][:300]}
+    log(f"  verify {label}: {'OK' if res.get('ok') else 'MISMATCH/ERROR'} "
+        + json.dumps({k: v for k, v in res.items() if k != 'ok'})[:400])
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline
+# --------------------------------------------------------------------------------------------
+
+def capture(argv: list[str]) -> str:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=120).stdout.strip()
+    except Exception:
+        return ""
+
+
+def machine_facts(args, cold: bool) -> dict:
+    mem_kib = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    cpu = ""
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except Exception:
+        pass
+    wp_ver = capture(shlex.split(args.weightport_cmd) + ["--version"]) if not args.skip_weightport else ""
+    return {
+        "date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "cores": os.cpu_count(), "cpu": cpu, "ram_gib": mem_kib / 2**20,
+        "kernel": platform.release(), "python": platform.python_version(),
+        "torch": capture([args.torch_python, "-c", "import torch; print(torch.__version__)"]),
+        "safetensors": capture([args.torch_python, "-c", "import safetensors; print(safetensors.__version__)"]),
+        "litgpt": capture([args.litgpt_python, "-c", "import importlib.metadata as m; print(m.version('litgpt'))"]),
+        "litgpt_torch": capture([args.litgpt_python, "-c", "import torch; print(torch.__version__)"]),
+        "weightport": wp_ver.splitlines()[-1] if wp_ver else "",
+        "weightport_git": capture(["git", "-C", str(REPO), "describe", "--always", "--dirty"]),
+        "cp": capture(["cp", "--version"]).splitlines()[0] if capture(["cp", "--version"]) else "",
+        "loadavg": open("/proc/loadavg").read().split()[:3],
+        "cache": ("cold: `sync` + `echo 3 > /proc/sys/vm/drop_caches` before every measured command"
+                  if cold else "NOT dropped (no permission or --warm): `sync` only before each command; "
+                  "the input may be partly in page cache"),
+        "disk_free_gib": shutil.disk_usage(args.workdir).free / GIB,
+    }
+
+
+def run_benchmark(args) -> None:
+    s = SCALES[args.scale]
+    mbytes = model_bytes(s)
+    workdir = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    cold = (not args.warm) and try_drop_caches()
+    runner = Runner(workdir, cold, dry_disk_margin=max(GIB, int(0.03 * mbytes)))
+    py = args.torch_python
+    wp = shlex.split(args.weightport_cmd) + shlex.split(args.weightport_extra)
+
+    # Layout. The HF directory name is what LitGPT resolves the config from.
+    hf_dir = workdir / "hf" / s["org"] / s["name"]
+    stamp = hf_dir / ".bench-complete"
+    out = workdir / "out"  # everything under here is temporary
+    lit_wp = out / "lit-weightport"  # weightport's LitGPT output, kept as the Lit->HF input
+    lit_ref = out / "litgpt-hf2lit" / s["org"] / s["name"]  # symlinks to HF + LitGPT's output
+    saved_yaml = out / "litgpt-model_config.yaml"
+
+    # Disk: source + kept LitGPT checkpoint + one output under test, at most, at any time.
+    have_hf = stamp.is_file() and stamp.read_text().strip() == args.scale
+    if out.exists():
+        rm(out)
+    runner.need_space((0 if have_hf else mbytes) + 2 * mbytes, "the whole run (3 model-sized trees)")
+    facts = machine_facts(args, cold)
+    log(f"scale={args.scale}: {len(llama_tensors(s))} tensors, {mbytes / 1e9:.2f} GB in "
+        f"{len(plan_shards(s))} shards; workdir {workdir}; cache {'cold' if cold else 'warm'}; "
+        f"{facts['disk_free_gib']:.1f} GiB free")
+    out.mkdir(parents=True)
+    results: dict = {"scale": args.scale, "model_bytes": mbytes, "facts": facts, "hf2lit": {},
+                     "lit2hf": {}, "verify": {}, "notes": []}
+    try:
+        # 1. The source checkpoint (reused if a previous --keep run left a complete one).
+        if have_hf:
+            log(f"reusing {hf_dir}")
+        else:
+            rm(hf_dir)
+            t = time.perf_counter()
+            runner.helper("generate", [py, str(THIS), "_generate", args.scale, str(hf_dir)])
+            stamp.write_text(args.scale + "\n")
+            os.sync()
+            log(f"generated {hf_dir} in {time.perf_counter() - t:.0f}s")
+            results["generate_s"] = time.perf_counter() - t
+
+        # 2. HF -> LitGPT
+        r = results["hf2lit"]
+        runner.need_space(mbytes, "cp -r of the HF checkpoint")
+        r["cp"] = runner.measure("hf2lit cp", ["cp", "-r", str(hf_dir), str(out / "cp-hf")])
+        rm(out / "cp-hf")
+
+        if not args.skip_weightport:
+            runner.need_space(mbytes, "weightport's LitGPT output")
+            r["weightport"] = runner.measure("hf2lit weightport",
+                                             wp + ["convert", str(hf_dir), str(lit_wp), "--to", "litgpt"])
+            if r["weightport"]["rc"] != 0:
+                rm(lit_wp)
+
+        if not args.skip_litgpt:
+            # LitGPT writes lit_model.pth and model_config.yaml INTO the checkpoint dir: give it a
+            # directory (with the same name, for the config lookup) of symlinks to the source files.
+            lit_ref.mkdir(parents=True)
+            for f in hf_dir.iterdir():
+                if not f.name.startswith("."):
+                    os.symlink(f, lit_ref / f.name)
+            runner.need_space(mbytes, "LitGPT's lit_model.pth")
+            extra = "{}" if s["litgpt_builtin"] else json.dumps(litgpt_config(s))
+            r["litgpt"] = runner.measure("hf2lit litgpt", [args.litgpt_python, str(THIS), "_litgpt_hf2lit",
+                                                           str(lit_ref), extra])
+            if (lit_ref / "model_config.yaml").is_file():
+                shutil.copy(lit_ref / "model_config.yaml", saved_yaml)
+            if args.verify and r["litgpt"]["rc"] == 0 and (lit_wp / "lit_model.pth").is_file():
+                results["verify"]["hf2lit weightport == litgpt"] = verify(
+                    runner, py, "hf2lit", lit_wp / "lit_model.pth", lit_ref / "lit_model.pth")
+
+        # The LitGPT checkpoint both tools convert back: weightport's output when there is one
+        # (that round trip is the point of the tool), else LitGPT's own.
+        if (lit_wp / "lit_model.pth").is_file():
+            lit_dir = lit_wp
+            if lit_ref.exists():
+                rm(lit_ref.parent.parent)
+        elif (lit_ref / "lit_model.pth").is_file():
+            lit_dir = out / "lit-litgpt"
+            lit_dir.mkdir()
+            for f in lit_ref.iterdir():  # keep only real files (drop the symlinks to the HF files)
+                if not f.is_symlink():
+                    f.rename(lit_dir / f.name)
+            rm(lit_ref.parent.parent)
+            results["notes"].append("LitGPT -> HF input is LitGPT's own lit_model.pth (no weightport output).")
+        else:
+            lit_dir = None
+            results["notes"].append("No LitGPT checkpoint was produced, so LitGPT -> HF was not run.")
+        results["lit2hf_input"] = str(lit_dir)
+
+        # 3. LitGPT -> HF
+        if lit_dir is not None:
+            r = results["lit2hf"]
+            lit_bytes = dir_bytes(lit_dir)
+            runner.need_space(lit_bytes, "cp -r of the LitGPT checkpoint")
+            r["cp"] = runner.measure("lit2hf cp", ["cp", "-r", str(lit_dir), str(out / "cp-lit")])
+            rm(out / "cp-lit")
+
+            if not args.skip_weightport:
+                runner.need_space(lit_bytes, "weightport's HF output")
+                hf_back = out / "hf-weightport"
+                r["weightport"] = runner.measure("lit2hf weightport",
+                                                 wp + ["convert", str(lit_dir), str(hf_back), "--to", "hf"])
+                if args.verify and r["weightport"]["rc"] == 0:
+                    results["verify"]["lit2hf weightport == source HF"] = verify(runner, py, "lit2hf-wp", hf_dir, hf_back)
+                rm(hf_back)
+
+            if not args.skip_litgpt:
+                # convert_lit_checkpoint needs model_config.yaml next to lit_model.pth. Use
+                # LitGPT's own yaml when we have it, else the one in the input directory.
+                lit_in = out / "litgpt-lit2hf-in"
+                lit_in.mkdir()
+                os.symlink(lit_dir / "lit_model.pth", lit_in / "lit_model.pth")
+                yaml_src = saved_yaml if saved_yaml.is_file() else lit_dir / "model_config.yaml"
+                if yaml_src.is_file():
+                    shutil.copy(yaml_src, lit_in / "model_config.yaml")
+                runner.need_space(lit_bytes, "LitGPT's model.pth")
+                lit_back = out / "hf-litgpt"
+                r["litgpt"] = runner.measure("lit2hf litgpt", [args.litgpt_python, str(THIS), "_litgpt_lit2hf",
+                                                               str(lit_in), str(lit_back)])
+                if args.verify and r["litgpt"]["rc"] == 0:
+                    results["verify"]["lit2hf litgpt == source HF"] = verify(runner, py, "lit2hf-litgpt", hf_dir, lit_back)
+                rm(lit_back)
+                rm(lit_in)
+    finally:
+        results["facts"]["disk_free_gib_end"] = shutil.disk_usage(workdir).free / GIB
+        if not args.keep:
+            rm(out)
+            rm(workdir / "hf")
+        (workdir / f"results-{args.scale}.json").write_text(json.dumps(results, indent=2) + "\n")
+
+    report = render_report(results, args)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(report)
+    log(f"wrote {args.output} (raw numbers: {workdir / f'results-{args.scale}.json'})")
+    print(report)
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+TARGETS = dict(time_vs_cp=1.5, rss_gib=2.0, speedup_vs_litgpt=2.0, rss_vs_litgpt=5.0)
+
+
+def render_report(res: dict, args) -> str:
+    s, f = SCALES[res["scale"]], res["facts"]
+    gib = lambda kib: kib / 2**20  # noqa: E731
+    L: list[str] = []
+    L.append("# Conversion benchmark: weightport vs `cp -r` vs LitGPT\n")
+    L.append(f"Generated by `bench/bench_convert.py --scale {res['scale']}` on {f['date']}. "
+             "Re-run with `python3 bench/bench_convert.py` (see its docstring).\n")
+    if res["scale"] != "full":
+        L.append(f"> **Scale `{res['scale']}` is a smoke test, not the benchmark.** Start-up costs "
+                 "(Python + torch imports) dominate at this size, so the ratios and target verdicts "
+                 "below say nothing about a real model. Run `--scale full` for the real numbers.\n")
+    shards = plan_shards(s)
+    L.append(f"Checkpoint: random bf16 (N(0, 0.02); RMSNorm weights N(1, 0.02)), "
+             f"{'Meta-Llama-3-8B' if res['scale'] == 'full' else 'Llama'} shape: hidden {s['hidden']}, "
+             f"{s['layers']} layers, {s['heads']} heads / {s['kv_heads']} kv heads, intermediate "
+             f"{s['intermediate']}, vocab {s['vocab']}, untied lm_head; "
+             f"{res['model_bytes'] / 1e9:.2f} GB in {len(shards)} safetensors shards "
+             f"(≤ {s['shard_bytes'] / 1e9:g} GB each).\n")
+
+    L.append("## Machine\n")
+    L.append("| | |\n|---|---|")
+    rows = [
+        ("date", f["date"]), ("CPU", f"{f['cores']} cores, {f['cpu']}"), ("RAM", f"{f['ram_gib']:.1f} GiB"),
+        ("kernel / python", f"{f['kernel']} / {f['python']}"),
+        ("torch (weightport venv)", f["torch"]), ("safetensors", f["safetensors"]),
+        ("litgpt (its own venv, torch " + f["litgpt_torch"] + ")", f["litgpt"]),
+        ("weightport", (f["weightport"] or "?") + (f" (git {f['weightport_git']})" if f["weightport_git"] else "")),
+        ("weightport command", f"`{args.weightport_cmd}`"), ("cp", f["cp"]),
+        ("page cache", f["cache"]), ("load average at start", " ".join(f["loadavg"])),
+        ("free disk at start", f"{f['disk_free_gib']:.1f} GiB"),
+    ]
+    L += [f"| {k} | {v} |" for k, v in rows]
+    L.append("")
+
+    verdicts: dict = {}
+    for key, title in (("hf2lit", "HF safetensors → LitGPT `lit_model.pth`"),
+                       ("lit2hf", "LitGPT `lit_model.pth` → HF")):
+        r = res[key]
+        L.append(f"## {title}\n")
+        if not r:
+            L.append("Not run. " + " ".join(res["notes"]) + "\n")
+            continue
+        L.append("| tool | wall s | sync after s | wall+sync s | × `cp -r` | peak RSS GiB | peak anon RSS GiB (10 Hz) | user+sys CPU s |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        cp = r.get("cp")
+        names = {"cp": "`cp -r`", "weightport": "weightport", "litgpt": "LitGPT"}
+        for tool in ("cp", "weightport", "litgpt"):
+            m = r.get(tool)
+            if m is None:
+                L.append(f"| {names[tool]} | skipped | | | | | | |")
+                continue
+            if m["rc"] != 0:
+                L.append(f"| {names[tool]} | **failed** (exit {m['rc']}, log `{Path(m['log']).name}`) | | | | | | |")
+                continue
+            ratio = f"{m['total'] / cp['total']:.2f}" if cp and cp["rc"] == 0 else "?"
+            L.append(f"| {names[tool]} | {m['wall']:.1f} | {m['sync']:.1f} | {m['total']:.1f} | {ratio} | "
+                     f"{gib(m['maxrss_kib']):.2f} | {gib(m['anon_kib']):.2f} | {m['user'] + m['sys']:.1f} |")
+        wpm, ltm = r.get("weightport"), r.get("litgpt")
+        ok = lambda m: m is not None and m["rc"] == 0  # noqa: E731
+        v = verdicts[key] = {}
+        if ok(wpm) and cp and cp["rc"] == 0:
+            v["time_vs_cp"] = wpm["total"] / cp["total"]
+        if ok(wpm):
+            v["rss_gib"] = gib(wpm["maxrss_kib"])
+        if ok(wpm) and ok(ltm):
+            v["speedup_vs_litgpt"] = ltm["total"] / wpm["total"]
+            v["rss_vs_litgpt"] = ltm["maxrss_kib"] / wpm["maxrss_kib"]
+            L.append(f"\nweightport vs LitGPT: **{v['speedup_vs_litgpt']:.2f}× faster** (wall+sync), "
+                     f"**{v['rss_vs_litgpt']:.2f}× less peak RSS**.")
+        L.append("")
+
+    L.append("## Targets\n")
+    L.append("| target | HF → LitGPT | LitGPT → HF |\n|---|---|---|")
+    spec = [
+        ("time_vs_cp", f"weightport wall+sync ≤ {TARGETS['time_vs_cp']}× `cp -r`", "{:.2f}×", lambda x: x <= TARGETS["time_vs_cp"]),
+        ("rss_gib", f"weightport peak RSS ≤ {TARGETS['rss_gib']:g} GiB", "{:.2f} GiB", lambda x: x <= TARGETS["rss_gib"]),
+        ("speedup_vs_litgpt", f"weightport ≥ {TARGETS['speedup_vs_litgpt']:g}× faster than LitGPT", "{:.2f}×", lambda x: x >= TARGETS["speedup_vs_litgpt"]),
+        ("rss_vs_litgpt", f"weightport ≥ {TARGETS['rss_vs_litgpt']:g}× less peak RSS than LitGPT", "{:.2f}×", lambda x: x >= TARGETS["rss_vs_litgpt"]),
+    ]
+    for key, text, fmt, good in spec:
+        cells = []
+        for d in ("hf2lit", "lit2hf"):
+            x = verdicts.get(d, {}).get(key)
+            cells.append("n/a" if x is None else f"{fmt.format(x)} — {'met' if good(x) else '**missed**'}")
+        L.append(f"| {text} | {cells[0]} | {cells[1]} |")
+    if res["scale"] != "full":
+        L.append(f"\n(Verdicts at scale `{res['scale']}` are not meaningful; see the note at the top.)")
+    L.append("")
+
+    L.append("## Correctness\n")
+    if res["verify"]:
+        for k, v in res["verify"].items():
+            if v.get("ok"):
+                L.append(f"- {k}: identical ({v['compared']} tensors, names, dtypes, shapes and bytes)")
+            else:
+                L.append(f"- {k}: **DIFFERENT** — {json.dumps({kk: vv for kk, vv in v.items() if kk != 'ok'})[:500]}")
+    else:
+        L.append("- not checked (`--no-verify`, or there was nothing to compare)")
+    for n in res["notes"]:
+        L.append(f"- note: {n}")
+    L.append("")
+
+    L.append("## Method\n")
+    L.append(textwrap_method(res))
+    return "\n".join(L) + "\n"
+
+
+def textwrap_method(res: dict) -> str:
+    return "\n".join([
+        "- Each command runs once, as its own subprocess of a benchmark process that imports no torch "
+        "(a child's `ru_maxrss` starts from its parent's RSS high-water mark, so a big parent would "
+        "inflate every child).",
+        "- **wall s**: from spawn to exit. **sync after s**: a `sync` right after, so that tools which "
+        "leave dirty pages and tools which `fsync` compare fairly. Ratios use **wall+sync**.",
+        "- **peak RSS**: the child's `ru_maxrss` (`os.wait4`), which counts touched `mmap` file pages "
+        "too. **peak anon RSS**: `RssAnon` sampled from `/proc/PID/status` every 0.1 s (may miss short spikes).",
+        "- Page cache: " + res["facts"]["cache"] + ".",
+        "- LitGPT: its unmodified `convert_hf_checkpoint` (as `litgpt convert_to_litgpt`) and "
+        "`convert_lit_checkpoint` (as `litgpt convert_from_litgpt`, which writes a single `model.pth` "
+        "pickle, no safetensors), run with the LitGPT venv's Python. HF → LitGPT runs on a directory of "
+        "symlinks to the source files named like the model, because LitGPT picks its config from the "
+        "directory name and writes into it. Its times include importing litgpt/lightning.",
+        "- LitGPT → HF input: " + ("weightport's own LitGPT output" if "lit-weightport" in str(res.get("lit2hf_input"))
+                                    else "LitGPT's `lit_model.pth`") + "; all three tools read the same file.",
+        "- weightport: `weightport convert SRC DST --to litgpt|hf` into a fresh directory; its times include "
+        "Python start-up and imports.",
+        "- Verification (not timed) compares every tensor bit for bit after each conversion.",
+    ]) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # Internal sub-commands, run in the torch / LitGPT venvs by the benchmark itself.
+    if argv and argv[0] == "_generate":
+        _generate(argv[1], Path(argv[2]))
+        return 0
+    if argv and argv[0] == "_verify":
+        _verify(Path(argv[1]), Path(argv[2]))
+        return 0
+    if argv and argv[0] == "_litgpt_hf2lit":
+        _litgpt_hf2lit(Path(argv[1]), argv[2])
+        return 0
+    if argv and argv[0] == "_litgpt_lit2hf":
+        _litgpt_lit2hf(Path(argv[1]), Path(argv[2]))
+        return 0
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="See the module docstring for the method.")
+    p.add_argument("--scale", choices=sorted(SCALES), default="full",
+                   help="full = Llama-3-8B (~16 GB, default); medium = 8B widths, 4 layers (~3.9 GB); "
+                        "small = tiny smoke test")
+    p.add_argument("--workdir", type=Path, default=REPO / "bench-work",
+                   help="scratch directory (default: %(default)s, git-ignored). Needs ~3x the model size free.")
+    p.add_argument("--output", type=Path, default=REPO / "docs" / "benchmarks.md",
+                   help="Markdown report to write (default: %(default)s)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the generated checkpoint and outputs (a kept checkpoint is reused next run)")
+    p.add_argument("--skip-litgpt", action="store_true", help="do not run LitGPT's converters")
+    p.add_argument("--skip-weightport", action="store_true", help="do not run weightport")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the (untimed) bit-exactness checks of the outputs")
+    p.add_argument("--warm", action="store_true", help="do not drop the page cache before each command")
+    p.add_argument("--weightport-cmd", default=os.environ.get("WEIGHTPORT_CMD", str(REPO / ".venv" / "bin" / "weightport")),
+                   help="weightport command (shell-quoted string; env WEIGHTPORT_CMD; default: %(default)s)")
+    p.add_argument("--weightport-extra", default="",
+                   help="extra arguments appended to both weightport convert commands")
+    p.add_argument("--torch-python", default=str(REPO / ".venv" / "bin" / "python"),
+                   help="Python with torch + safetensors, used to generate and verify (default: %(default)s)")
+    p.add_argument("--litgpt-python", default=str(REPO / ".venv-litgpt" / "bin" / "python"),
+                   help="Python of the LitGPT venv (default: %(default)s)")
+    args = p.parse_args(argv)
+
+    for what, exe in (("--torch-python", args.torch_python),) + (
+            (("--litgpt-python", args.litgpt_python),) if not args.skip_litgpt else ()):
+        if not os.access(exe, os.X_OK):
+            p.error(f"{what} {exe} is not executable")
+    if not args.skip_weightport:
+        first = shlex.split(args.weightport_cmd)[0]
+        if not (os.access(first, os.X_OK) or shutil.which(first)):
+            p.error(f"weightport command {first!r} not found: install weightport into .venv "
+                    "(pip install -e .), pass --weightport-cmd / WEIGHTPORT_CMD, or use --skip-weightport")
+    run_benchmark(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

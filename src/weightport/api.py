@@ -1,0 +1,129 @@
+"""The Python API: `convert`, `inspect` and `support_matrix`, as the CLI uses them."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import formats
+from .archs import ARCHS
+from .dtypes import parse_dtype, parse_size, short_name
+from .errors import WeightportError
+from .execute import execute
+from .formats import Checkpoint, WriteOptions
+from .plan import Plan, build_plan
+
+
+def open_checkpoint(path: str | Path, fmt: str | None = None) -> Checkpoint:
+    path = Path(path)
+    adapter = formats.get(fmt) if fmt else formats.detect(path)
+    if not path.exists():
+        raise WeightportError(f"{path}: no such file or directory")
+    return adapter.open(path)
+
+
+def _check_output(src: Path, out: Path, force: bool) -> None:
+    s, o = src.resolve(), out.resolve()
+    src_dir = s if s.is_dir() else s.parent
+    if src_dir.is_relative_to(o) or o.is_relative_to(src_dir):
+        raise WeightportError(f"{out}: is, contains or lies inside the source {src}; choose another output directory")
+    if out.exists() and not force:
+        raise WeightportError(f"{out}: already exists; pass --force to replace it")
+
+
+def plan_conversion(src: str | Path, out: str | Path, to: str, *, source_format: str | None = None,
+                    dtype: str | torch.dtype | None = "auto", max_shard_size: str | int = "5GB") -> Plan:
+    target = formats.get(to)
+    ckpt = open_checkpoint(src, source_format)
+    try:
+        if isinstance(dtype, str):
+            dtype = parse_dtype(dtype)
+        size = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+        if ckpt.model.arch.name not in target.archs:
+            raise WeightportError(f"format {target.name} does not support {ckpt.model.arch.name}")
+        return build_plan(ckpt, target, Path(out), dtype, WriteOptions(max_shard_size=size))
+    except BaseException:
+        ckpt.close()
+        raise
+
+
+def convert(src: str | Path, out: str | Path, to: str, *, source_format: str | None = None,
+            dtype: str | torch.dtype | None = "auto", max_shard_size: str | int = "5GB", force: bool = False,
+            allow_overflow: bool = False, dry_run: bool = False, progress: bool = False) -> Plan:
+    """Convert the checkpoint at `src` into format `to` at `out`; returns the executed plan."""
+    src, out = Path(src), Path(out)
+    _check_output(src, out, force)
+    plan = plan_conversion(src, out, to, source_format=source_format, dtype=dtype, max_shard_size=max_shard_size)
+    try:
+        if not dry_run:
+            execute(plan, force=force, allow_overflow=allow_overflow, progress=progress)
+    finally:
+        plan.source.close()
+    return plan
+
+
+@dataclass
+class Inspection:
+    path: Path
+    format: str
+    variant: str
+    arch: str
+    hf_class: str
+    config: dict
+    parameters: int
+    dtypes: dict[str, int]
+    tensors: list[tuple[str, tuple[int, ...], str]]
+    notes: list[str]
+
+    def render(self, tensors: bool = False) -> str:
+        d = self.config
+        lines = [
+            f"path:        {self.path}",
+            f"format:      {self.format} ({self.variant})",
+            f"arch:        {self.arch} ({self.hf_class})",
+            f"parameters:  {self.parameters:,}",
+            "dtypes:      " + ", ".join(f"{k} ({v} tensors)" for k, v in self.dtypes.items()),
+            "config:      " + ", ".join(f"{k}={d[k]}" for k in (
+                "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                "intermediate_size", "vocab_size", "num_local_experts", "tie_word_embeddings") if d.get(k) is not None),
+        ]
+        lines += [f"note:        {n}" for n in self.notes]
+        if tensors:
+            lines.append(f"tensors ({len(self.tensors)}):")
+            lines += [f"  {n}  {list(s)}  {dt}" for n, s, dt in self.tensors]
+        return "\n".join(lines)
+
+
+def inspect(path: str | Path, fmt: str | None = None) -> Inspection:
+    """Describe a checkpoint from its headers and config; no tensor data is read."""
+    ckpt = open_checkpoint(path, fmt)
+    try:
+        metas = ckpt.source.tensors
+        dtypes = Counter(short_name(m.dtype) for m in metas.values())
+        params = 0
+        for m in metas.values():
+            n = 1
+            for x in m.shape:
+                n *= x
+            params += n
+        if ckpt.model.dims.tied and "lm_head.weight" in metas:  # stored twice, one parameter
+            params -= ckpt.model.dims.vocab * ckpt.model.dims.hidden
+        m = ckpt.model
+        return Inspection(Path(path), ckpt.format.name, ckpt.variant, m.arch.name, m.arch.hf_class,
+                          dict(m.config, head_dim=m.dims.head_dim), params, dict(dtypes),
+                          [(n, t.shape, short_name(t.dtype)) for n, t in metas.items()], ckpt.notes)
+    finally:
+        ckpt.close()
+
+
+def support_matrix() -> list[tuple[str, str, str, str]]:
+    """(format, architecture, read, write) rows."""
+    rows = []
+    for f in formats.FORMATS.values():
+        for a in ARCHS.values():
+            ok = a.name in f.archs
+            rows.append((f.name, f"{a.name} — {a.title}", "yes" if ok else "no", "yes" if ok else "no"))
+    return rows

@@ -1,0 +1,58 @@
+"""What an architecture declares: its hub (Hugging Face) tensors, from its config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes that tensor shapes and format rules are written in."""
+
+    n_layer: int
+    hidden: int
+    n_head: int
+    n_kv: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    n_expert: int = 0
+    tied: bool = False
+
+    @property
+    def q_rows(self) -> int:
+        return self.n_head * self.head_dim
+
+    @property
+    def kv_rows(self) -> int:
+        return self.n_kv * self.head_dim
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One architecture: how to read its sizes from config.json and which tensors it has."""
+
+    name: str
+    hf_class: str
+    model_type: str
+    title: str
+    dims: Callable[[dict], Dims]
+    tensors: Callable[[Dims, dict], list[tuple[str, Shape]]]
+    # tensors some checkpoints carry that the model recomputes; dropped on purpose
+    droppable: tuple[str, ...] = ()
+    variants: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class Model:
+    """An architecture with a concrete config: everything a plan needs about the network."""
+
+    arch: Arch
+    config: dict
+    dims: Dims
+
+    def hub_tensors(self) -> dict[str, Shape]:
+        return dict(self.arch.tensors(self.dims, self.config))

@@ -1,0 +1,126 @@
+"""Run a plan: read, transform and write one tensor group at a time, into a temporary sibling
+directory that is renamed into place only when everything, metadata included, is written."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .errors import WeightportError
+from .ops import TiedWeightsDiffer
+from .plan import Plan, check_float16
+
+
+def temp_sibling(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.weightport-partial-{os.getpid()}"
+
+
+def execute(plan: Plan, *, force: bool = False, allow_overflow: bool = False, progress: bool = True) -> list[str]:
+    """Writes the plan's output; returns the non-tensor files written."""
+    out_dir = plan.out_dir
+    tmp = temp_sibling(out_dir)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    writer = None
+    try:
+        writer = plan.target.writer(tmp, plan.files)
+        _stream(plan, writer, allow_overflow, progress)
+        writer.close()
+        writer = None
+        side = plan.target.write_metadata(tmp, plan.source, plan.source.model, _output_dtype(plan))
+        _fsync_dir(tmp)
+        if out_dir.exists():
+            if not force:
+                raise WeightportError(f"{out_dir}: appeared while converting; not replaced (pass --force)")
+            _remove(out_dir)
+        os.replace(tmp, out_dir)
+        _fsync_dir(out_dir.parent)
+        return side
+    except OSError as e:
+        raise WeightportError(f"{e.filename or out_dir}: write failed ({e.strerror or e}); no output was left") from None
+    finally:
+        if writer is not None:
+            writer.abort()
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _output_dtype(plan: Plan) -> torch.dtype:
+    if plan.dtype is not None:
+        return plan.dtype
+    counts = Counter()
+    for t in plan.outputs:
+        if t.dtype.is_floating_point:
+            counts[t.dtype] += t.nbytes
+    return counts.most_common(1)[0][0] if counts else torch.float32
+
+
+def _stream(plan: Plan, writer, allow_overflow: bool, progress: bool) -> None:
+    source = plan.source.source
+    producer = {h: step for step in plan.read_steps for h in step.outputs}
+    uses = Counter(h for step in plan.write_steps for h in step.inputs)
+    cache: dict[str, torch.Tensor] = {}
+    planned = {t.name: t for t in plan.outputs}
+
+    def hub(name: str) -> torch.Tensor:
+        if name not in cache:
+            step = producer[name]
+            inputs = [source.load(n) for n in step.inputs]
+            try:
+                outs = step.run(inputs)
+            except TiedWeightsDiffer as e:
+                raise WeightportError(f"{source.tensors[step.inputs[0]].file}: tensors {', '.join(step.inputs)}: {e}") from None
+            for h, t in zip(step.outputs, outs):
+                cache[h] = t
+        t = cache[name]
+        uses[name] -= 1
+        if uses[name] == 0:
+            del cache[name]
+        return t
+
+    bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="converting",
+               disable=not progress, leave=False, dynamic_ncols=True)
+    try:
+        for step in plan.write_steps:
+            outs = step.run([hub(h) for h in step.inputs])
+            cast = []
+            for name, t in zip(step.outputs, outs):
+                want = planned[name].dtype
+                if t.dtype != want:
+                    if want == torch.float16 and not allow_overflow:
+                        check_float16(name, t)
+                    t = t.to(want)
+                cast.append(t)
+            # keep a tied pair one object after casting, so writers can store it once
+            if len(cast) == 2 and outs[0] is outs[1]:
+                cast[1] = cast[0]
+            writer.write_group(list(step.outputs), cast)
+            bar.update(sum(planned[n].nbytes for n in dict.fromkeys(step.outputs)))
+    finally:
+        bar.close()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,31 @@
+"""Format adapters by name, and detection of a path's format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import WeightportError
+from . import hf, litgpt
+from .base import Checkpoint, Format, OutputFile, OutputTensor, WriteOptions
+
+FORMATS: dict[str, Format] = {f.name: f for f in (hf.FORMAT, litgpt.FORMAT)}
+
+
+def get(name: str) -> Format:
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise WeightportError(f"unknown format {name!r}; choose one of {', '.join(FORMATS)}") from None
+
+
+def detect(path: Path) -> Format:
+    if not path.exists():
+        raise WeightportError(f"{path}: no such file or directory")
+    found = [f for f in FORMATS.values() if f.detect(path)]
+    if not found:
+        raise WeightportError(f"{path}: not a checkpoint in any known format ({', '.join(FORMATS)}); "
+                              "pass --from to say which it is")
+    return found[0]
+
+
+__all__ = ["FORMATS", "Checkpoint", "Format", "OutputFile", "OutputTensor", "WriteOptions", "detect", "get"]

@@ -1,0 +1,120 @@
+"""What a format adapter provides: detect, open (config + tensors + rules), and write."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..archs import Model
+from ..io import TensorSource
+from ..rules import Rule
+
+# files a tokenizer may consist of, in any of the formats we handle; copied verbatim
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+)
+
+
+@dataclass
+class Checkpoint:
+    """An opened source checkpoint: its model, its tensors, and how they map to the hub."""
+
+    path: Path
+    format: "Format"
+    variant: str
+    model: Model
+    source: TensorSource
+    rules: list[Rule]
+    side_files: list[Path] = field(default_factory=list)
+    generation_config: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def close(self) -> None:
+        self.source.close()
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = torch.empty((), dtype=self.dtype).element_size()
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class OutputFile:
+    name: str
+    tensors: list[OutputTensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass
+class WriteOptions:
+    max_shard_size: int = 5 * 10**9
+
+
+class Writer:
+    """Receives the output tensors in plan order; `close` finishes the files."""
+
+    def write_group(self, names: list[str], tensors: list[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        pass
+
+
+class Format:
+    name: str = ""
+    title: str = ""
+    # architectures (by Arch.name) this format can read and write
+    archs: tuple[str, ...] = ()
+
+    def detect(self, path: Path) -> bool:
+        raise NotImplementedError
+
+    def open(self, path: Path) -> Checkpoint:
+        raise NotImplementedError
+
+    def target_rules(self, model: Model) -> list[Rule]:
+        """Expanded hub -> format rules for writing this model."""
+        raise NotImplementedError
+
+    def layout(self, tensors: list[OutputTensor], options: WriteOptions) -> list[OutputFile]:
+        raise NotImplementedError
+
+    def writer(self, directory: Path, files: list[OutputFile]) -> Writer:
+        raise NotImplementedError
+
+    def write_metadata(self, directory: Path, source: Checkpoint, model: Model, dtype: torch.dtype) -> list[str]:
+        """Config, tokenizer and other non-tensor files; returns the names written."""
+        raise NotImplementedError
+
+
+def copy_side_files(files: list[Path], directory: Path, skip: set[str] = frozenset()) -> list[str]:
+    written = []
+    for f in files:
+        if f.name in skip:
+            continue
+        shutil.copyfile(f, directory / f.name)
+        written.append(f.name)
+    return written
+
+
+def find_side_files(directory: Path) -> list[Path]:
+    return [directory / n for n in TOKENIZER_FILES if (directory / n).is_file()]

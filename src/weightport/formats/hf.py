@@ -1,0 +1,162 @@
+"""Hugging Face Transformers checkpoints: the hub format, so its rules are the identity."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..archs import ARCHS, Model, model_from_hf_config
+from ..dtypes import short_name
+from ..errors import WeightportError
+from ..hf_config import load_json
+from ..io import open_files
+from ..io.safetensors_file import SafetensorsStreamWriter
+from ..rules import Rule, identity_rules
+from .base import Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions, copy_side_files, find_side_files
+
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+def _weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None, Path | None]:
+    """The weight files to read, the index's weight_map if there is one, and the index path."""
+    for index_name in (SAFE_INDEX, BIN_INDEX):
+        index = directory / index_name
+        if index.is_file():
+            weight_map = load_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise WeightportError(f"{index}: has no weight_map")
+            files = []
+            for shard in dict.fromkeys(weight_map.values()):
+                path = directory / shard
+                if not path.is_file():
+                    tensor = next(t for t, s in weight_map.items() if s == shard)
+                    raise WeightportError(f"{index}: names shard {shard} (for tensor {tensor}) which does not exist")
+                files.append(path)
+            return files, weight_map, index
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / single).is_file():
+            return [directory / single], None, None
+    files = sorted(directory.glob("*.safetensors"))
+    if files:
+        return files, None, None
+    raise WeightportError(f"{directory}: no model.safetensors, pytorch_model.bin or index found")
+
+
+class HFFormat(Format):
+    name = "hf"
+    title = "Hugging Face Transformers (safetensors or pytorch_model.bin, config.json)"
+    archs = tuple(ARCHS)
+
+    def detect(self, path: Path) -> bool:
+        return path.is_dir() and (path / "config.json").is_file() and any(
+            (path / n).is_file() for n in (SAFE_INDEX, BIN_INDEX, "model.safetensors", "pytorch_model.bin")
+        ) or (path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors")))
+
+    def open(self, path: Path) -> Checkpoint:
+        config_path = path / "config.json"
+        config = load_json(config_path)
+        model = model_from_hf_config(config, str(config_path))
+        files, weight_map, index = _weight_files(path)
+        source = open_files(files)
+        if weight_map is not None:
+            for tensor, shard in weight_map.items():
+                meta = source.tensors.get(tensor)
+                if meta is None or meta.file.name != shard:
+                    source.close()
+                    raise WeightportError(f"{index}: names tensor {tensor} in {shard}, but {shard} does not hold it")
+        generation = path / "generation_config.json"
+        variant = "safetensors" if files[0].suffix == ".safetensors" else "pytorch_model.bin"
+        return Checkpoint(
+            path=path, format=self, variant=f"{variant}, {len(files)} file(s)", model=model, source=source,
+            rules=identity_rules(list(model.hub_tensors())),
+            side_files=find_side_files(path),
+            generation_config=load_json(generation) if generation.is_file() else None,
+        )
+
+    def target_rules(self, model: Model) -> list[Rule]:
+        return identity_rules(list(model.hub_tensors()))
+
+    def layout(self, tensors: list[OutputTensor], options: WriteOptions) -> list[OutputFile]:
+        shards: list[list[OutputTensor]] = [[]]
+        size = 0
+        for t in tensors:
+            if shards[-1] and size + t.nbytes > options.max_shard_size:
+                shards.append([])
+                size = 0
+            shards[-1].append(t)
+            size += t.nbytes
+        if len(shards) == 1:
+            return [OutputFile("model.safetensors", shards[0])]
+        n = len(shards)
+        return [OutputFile(f"model-{i + 1:05d}-of-{n:05d}.safetensors", s) for i, s in enumerate(shards)]
+
+    def writer(self, directory: Path, files: list[OutputFile]) -> Writer:
+        return ShardedSafetensorsWriter(directory, files)
+
+    def write_metadata(self, directory: Path, source: Checkpoint, model: Model, dtype: torch.dtype) -> list[str]:
+        config = dict(model.config)
+        config["architectures"] = [model.arch.hf_class]
+        config.pop("torch_dtype", None)
+        config["dtype"] = short_name(dtype)
+        # transformers 4.x reads torch_dtype; 5.x reads dtype and still accepts torch_dtype
+        config["torch_dtype"] = short_name(dtype)
+        _write_json(directory / "config.json", config)
+        written = ["config.json"]
+        if source.generation_config is not None:
+            _write_json(directory / "generation_config.json", source.generation_config)
+            written.append("generation_config.json")
+        return written + copy_side_files(source.side_files, directory)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+class ShardedSafetensorsWriter(Writer):
+    """Shards written in sequence; the index lists exactly what was written."""
+
+    def __init__(self, directory: Path, files: list[OutputFile]):
+        self.directory = directory
+        self.files = files
+        self._shard_of = {t.name: i for i, f in enumerate(files) for t in f.tensors}
+        self._current: SafetensorsStreamWriter | None = None
+        self._current_index = -1
+        self._written: dict[str, str] = {}
+
+    def _open(self, i: int) -> None:
+        if self._current is not None:
+            self._current.close()
+        f = self.files[i]
+        self._current = SafetensorsStreamWriter(
+            self.directory / f.name, [(t.name, t.shape, t.dtype) for t in f.tensors], {"format": "pt"})
+        self._current_index = i
+
+    def write_group(self, names, tensors):
+        for name, tensor in zip(names, tensors):
+            i = self._shard_of[name]
+            if i != self._current_index:
+                self._open(i)
+            self._current.write(name, tensor)
+            self._written[name] = self.files[i].name
+
+    def close(self):
+        if self._current is not None:
+            self._current.close()
+            self._current = None
+        if len(self.files) > 1:
+            total = sum(f.nbytes for f in self.files)
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(self._written.items()))}
+            _write_json(self.directory / SAFE_INDEX, index)
+
+    def abort(self):
+        if self._current is not None:
+            self._current.abort()
+
+
+FORMAT = HFFormat()

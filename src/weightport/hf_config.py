@@ -1,0 +1,62 @@
+"""Reading Hugging Face config.json fields written by transformers 4.x or 5.x.
+
+transformers 5 moved `rope_theta`/`rope_scaling` into one `rope_parameters` dict; checkpoints
+on disk carry either form, so every reader goes through these helpers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import WeightportError
+
+
+def load_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise WeightportError(f"{path}: not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightportError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise WeightportError(f"{path}: expected a JSON object")
+    return data
+
+
+def rope_theta(cfg: dict, default: float = 10000.0) -> float:
+    params = cfg.get("rope_parameters") or {}
+    return float(params.get("rope_theta", cfg.get("rope_theta", default)))
+
+
+def rope_scaling(cfg: dict) -> dict | None:
+    """The scaling dict ({'rope_type': 'llama3', 'factor': ...}) or None for plain rotary."""
+    params = cfg.get("rope_parameters")
+    if params:
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind == "default":
+            return None
+        return {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    scaling = cfg.get("rope_scaling")
+    if not scaling:
+        return None
+    scaling = dict(scaling)
+    if "type" in scaling and "rope_type" not in scaling:
+        scaling["rope_type"] = scaling.pop("type")
+    return scaling
+
+
+def partial_rotary_factor(cfg: dict) -> float:
+    params = cfg.get("rope_parameters") or {}
+    return float(params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))
+
+
+def set_rope(cfg: dict, theta: float, scaling: dict | None) -> None:
+    """Write rotary settings in both spellings, so transformers 4.x and 5.x read the same."""
+    cfg["rope_theta"] = theta
+    cfg["rope_scaling"] = dict(scaling) if scaling else None
+    params = {"rope_theta": theta, "rope_type": "default"}
+    if scaling:
+        params.update(scaling)
+    cfg["rope_parameters"] = params

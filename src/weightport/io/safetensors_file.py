@@ -1,0 +1,138 @@
+"""safetensors read from the header alone, and written as a stream.
+
+The safetensors library maps whole files; reading through `pread` instead keeps the resident
+set at one tensor, which is what lets a 16 GB checkpoint convert in a few hundred MB.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+from ..dtypes import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS, itemsize
+from ..errors import WeightportError
+
+# a header larger than this is not a checkpoint header but a corrupt length field
+_MAX_HEADER = 100 * 2**20
+
+
+class SafetensorsFile:
+    """An open .safetensors file: names, shapes and dtypes from the header; data on demand."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.entries: dict[str, tuple[tuple[int, ...], torch.dtype, int, int]] = {}
+        self.metadata: dict[str, str] = {}
+        self._fd: int | None = None
+        self._read_header()
+
+    def _fail(self, why: str) -> WeightportError:
+        return WeightportError(f"{self.path}: {why}")
+
+    def _read_header(self) -> None:
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise self._fail("not a safetensors file (shorter than its 8-byte header length)")
+                (n,) = struct.unpack("<Q", head)
+                if n > _MAX_HEADER or 8 + n > size:
+                    raise self._fail(f"truncated or not safetensors (header length {n} but file has {size} bytes)")
+                raw = f.read(n)
+        except OSError as e:
+            raise self._fail(f"cannot read: {e.strerror}") from None
+        try:
+            header = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise self._fail("corrupt safetensors header (not JSON)") from None
+        if not isinstance(header, dict):
+            raise self._fail("corrupt safetensors header (not a JSON object)")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + n
+        data_size = size - self._data_start
+        for name, e in header.items():
+            try:
+                dtype = SAFETENSORS_DTYPES[e["dtype"]]
+                shape = tuple(int(d) for d in e["shape"])
+                begin, end = (int(x) for x in e["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise self._fail(f"tensor {name}: bad header entry {e!r}") from None
+            numel = 1
+            for d in shape:
+                numel *= d
+            if end - begin != numel * itemsize(dtype) or begin < 0:
+                raise self._fail(f"tensor {name}: data_offsets {begin}..{end} do not match shape {list(shape)} {e['dtype']}")
+            if end > data_size:
+                raise self._fail(f"truncated: tensor {name} ends at byte {end} of the data but the file holds {data_size}")
+            self.entries[name] = (shape, dtype, begin, end)
+
+    def load(self, name: str) -> torch.Tensor:
+        shape, dtype, begin, end = self.entries[name]
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        view = memoryview(buf.numpy())
+        done = 0
+        while done < len(view):
+            got = os.preadv(self._fd, [view[done:]], self._data_start + begin + done)
+            if got == 0:
+                raise self._fail(f"truncated while reading tensor {name}")
+            done += got
+        return buf.view(dtype).reshape(shape)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def header_bytes(tensors: list[tuple[str, tuple[int, ...], torch.dtype]], metadata: dict[str, str]) -> bytes:
+    """The 8-byte length and JSON header for tensors laid out back to back in this order."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name, shape, dtype in tensors:
+        n = itemsize(dtype)
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": TORCH_TO_SAFETENSORS[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-aligned, as the reference writer does
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class SafetensorsStreamWriter:
+    """Writes one safetensors file whose tensor list is known up front, one tensor at a time."""
+
+    def __init__(self, path: Path, tensors: list[tuple[str, tuple[int, ...], torch.dtype]], metadata: dict[str, str]):
+        self.path = Path(path)
+        self._expected = list(tensors)
+        self._next = 0
+        self._f = open(self.path, "wb")
+        self._f.write(header_bytes(self._expected, metadata))
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        want_name, want_shape, want_dtype = self._expected[self._next]
+        if name != want_name or tuple(tensor.shape) != want_shape or tensor.dtype != want_dtype:
+            raise WeightportError(
+                f"{self.path}: internal plan mismatch at tensor {name} {list(tensor.shape)} {tensor.dtype}, "
+                f"planned {want_name} {list(want_shape)} {want_dtype}")
+        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._f.write(memoryview(data))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._expected):
+            missing = self._expected[self._next][0]
+            raise WeightportError(f"{self.path}: internal error, tensor {missing} was planned but never written")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+    def abort(self) -> None:
+        self._f.close()

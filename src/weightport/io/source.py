@@ -1,0 +1,83 @@
+"""A checkpoint's tensors as one name -> metadata table, whichever files they live in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..dtypes import itemsize
+from ..errors import WeightportError
+from .safetensors_file import SafetensorsFile
+from .torch_file import TorchFile
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+
+    @property
+    def nbytes(self) -> int:
+        n = itemsize(self.dtype)
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def open_file(path: Path):
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return SafetensorsFile(path)
+    return TorchFile(path)
+
+
+class TensorSource:
+    """The tensors of a checkpoint, possibly spread across files, readable one at a time."""
+
+    def __init__(self, files: list):
+        self._files = files
+        self.tensors: dict[str, TensorMeta] = {}
+        self._owner: dict[str, object] = {}
+        for f in files:
+            for name, entry in f.entries.items():
+                if name in self.tensors:
+                    raise WeightportError(f"{f.path}: tensor {name} is also in {self.tensors[name].file}")
+                self.tensors[name] = TensorMeta(name, tuple(entry[0]), entry[1], f.path)
+                self._owner[name] = f
+
+    def load(self, name: str) -> torch.Tensor:
+        return self._owner[name].load(name)
+
+    def shares_storage(self, a: str, b: str) -> bool:
+        f = self._owner.get(a)
+        return f is self._owner.get(b) and hasattr(f, "shares_storage") and f.shares_storage(a, b)
+
+    @property
+    def files(self) -> list[Path]:
+        return [f.path for f in self._files]
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_files(paths: list[Path]) -> TensorSource:
+    opened = []
+    try:
+        for p in paths:
+            opened.append(open_file(p))
+    except BaseException:
+        for f in opened:
+            f.close()
+        raise
+    return TensorSource(opened)

@@ -1,0 +1,173 @@
+"""PyTorch zip checkpoints (.pth / .bin): read lazily and safely, written as a stream.
+
+Reading always uses `weights_only=True`, so a pickle that would run code is refused, and
+`mmap=True`, so only the tensors asked for are ever read. Pages of the mapping are handed back
+to the kernel after each tensor is copied out, which keeps the resident set at one tensor even
+for a file larger than memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import mmap
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from ..errors import WeightportError
+
+_PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = 4
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _madvise = _libc.madvise
+    _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+except (OSError, AttributeError):  # not Linux: pages are simply left to the kernel
+    _madvise = None
+
+# wrappers that training loops put around the state dict; the first one found is unwrapped
+WRAPPER_KEYS = ("model", "state_dict", "module")
+# torch.compile leaves this in every key of a compiled module's state dict
+_COMPILE_PREFIX = "_orig_mod."
+
+
+def _drop_pages(t: torch.Tensor) -> None:
+    """Let the kernel reclaim the mapped file pages behind `t` (it re-reads them if touched)."""
+    if _madvise is None:
+        return
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    lo = start - start % _PAGE
+    hi = end + (-end % _PAGE)
+    _madvise(lo, hi - lo, _MADV_DONTNEED)
+
+
+def _flatten_state(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        for key in WRAPPER_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+                obj = inner
+                break
+    if not isinstance(obj, dict):
+        raise WeightportError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors")
+    tensors = {}
+    for k, v in obj.items():
+        if isinstance(v, torch.Tensor):
+            tensors[k.removeprefix(_COMPILE_PREFIX)] = v
+    if not tensors:
+        raise WeightportError(f"{path}: holds no tensors")
+    return tensors
+
+
+class TorchFile:
+    """A torch.save'd state dict, opened without reading its tensor data."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if not zipfile.is_zipfile(self.path):
+            raise WeightportError(
+                f"{self.path}: not a zip-format torch checkpoint (legacy or truncated file); "
+                "re-save it with torch.save, or convert it to safetensors first")
+        try:
+            obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as e:
+            first = str(e).strip().splitlines()
+            detail = next((ln for ln in first if "Unsupported" in ln or "global" in ln.lower()), first[0] if first else "")
+            raise WeightportError(
+                f"{self.path}: refused, the pickle is not weights-only and would run code ({detail.strip()})") from None
+        except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
+            raise WeightportError(f"{self.path}: cannot read torch checkpoint ({str(e).splitlines()[0]})") from None
+        self._tensors = _flatten_state(obj, self.path)
+        self.entries = {k: (tuple(v.shape), v.dtype) for k, v in self._tensors.items()}
+
+    def load(self, name: str) -> torch.Tensor:
+        t = self._tensors[name]
+        try:
+            out = t.clone(memory_format=torch.contiguous_format)
+        except RuntimeError as e:  # a record shorter than its tensor: the file was cut
+            raise WeightportError(f"{self.path}: cannot read tensor {name} ({str(e).splitlines()[0]})") from None
+        _drop_pages(t)
+        return out
+
+    def shares_storage(self, a: str, b: str) -> bool:
+        """True when two names were saved as one storage (how torch.save keeps tied weights)."""
+        ta, tb = self._tensors.get(a), self._tensors.get(b)
+        return (ta is not None and tb is not None and ta.shape == tb.shape
+                and ta.untyped_storage().data_ptr() == tb.untyped_storage().data_ptr()
+                and ta.storage_offset() == tb.storage_offset())
+
+    def close(self) -> None:
+        self._tensors = {}
+
+
+class _StorageRef:
+    def __init__(self, key: str, dtype: torch.dtype, numel: int):
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+
+class _TensorRef:
+    """Pickles exactly as a tensor does, pointing at a storage record already in the archive."""
+
+    def __init__(self, storage: _StorageRef, shape: tuple[int, ...]):
+        self.storage, self.shape = storage, tuple(shape)
+
+    def __reduce_ex__(self, protocol):
+        stride, acc = [], 1
+        for d in reversed(self.shape):
+            stride.append(acc)
+            acc *= d
+        return (torch._utils._rebuild_tensor_v2,
+                (self.storage, 0, self.shape, tuple(reversed(stride)), False, collections.OrderedDict()))
+
+
+class _Pickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _StorageRef):
+            storage_type = getattr(torch, torch.storage._dtype_to_storage_type_map()[obj.dtype])
+            return ("storage", storage_type, obj.key, "cpu", obj.numel)
+        return None
+
+
+class TorchZipWriter:
+    """Writes a flat {name: tensor} torch checkpoint record by record.
+
+    The result is what `torch.save(state_dict)` produces: `torch.load` reads it, with
+    `weights_only=True` and `mmap=True`.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._zip = torch._C.PyTorchFileWriter(str(self.path))
+        self._state: dict[str, _TensorRef] = {}
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        t = tensor.detach().contiguous()
+        if t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        key = str(len(self._state))
+        self._zip.write_record(f"data/{key}", t.untyped_storage(), t.untyped_storage().nbytes())
+        self._state[name] = _TensorRef(_StorageRef(key, t.dtype, t.numel()), t.shape)
+
+    def alias(self, name: str, existing: str) -> None:
+        """Store `name` as the same storage as `existing`, as torch.save does for tied weights."""
+        self._state[name] = self._state[existing]
+
+    def close(self) -> None:
+        import io
+
+        buf = io.BytesIO()
+        _Pickler(buf, protocol=2).dump(self._state)
+        data = buf.getvalue()
+        self._zip.write_record("data.pkl", data, len(data))
+        self._zip.write_record("byteorder", b"little", len(b"little"))
+        self._zip.write_end_of_file()
+
+    def abort(self) -> None:
+        try:
+            self._zip.write_end_of_file()
+        except RuntimeError:
+            pass

@@ -1,0 +1,171 @@
+#!/usr/bin/env python
+"""LitGPT reference peer for weightport tests.
+
+Run with the LitGPT virtualenv (imports only stdlib, torch, yaml, litgpt):
+
+    .venv-litgpt/bin/python tests/peers/litgpt_peer.py logits CKPT_DIR TOKENS_JSON OUT_PT
+    .venv-litgpt/bin/python tests/peers/litgpt_peer.py convert-hf HF_DIR OUT_DIR MODEL_CONFIG_YAML
+    .venv-litgpt/bin/python tests/peers/litgpt_peer.py convert-lit LIT_DIR OUT_DIR
+
+logits
+    Builds ``litgpt.GPT(Config.from_file(CKPT_DIR/model_config.yaml))`` in float32,
+    loads ``CKPT_DIR/lit_model.pth`` the way litgpt does (``torch.load(weights_only=True,
+    mmap=True)``, unwrap ``{"model": ...}``, ``load_state_dict(strict=True)``), runs it on the
+    token ids in TOKENS_JSON (JSON list of lists of ints, batch x seq) and ``torch.save``s the
+    float32 logits (batch, seq, padded_vocab_size) to OUT_PT. A failing strict load raises,
+    so the process exits non-zero with the traceback.
+
+convert-hf
+    Runs litgpt's own ``litgpt.scripts.convert_hf_checkpoint.convert_hf_checkpoint`` on a HF
+    checkpoint whose architecture is not in litgpt's built-in config table. The Config given in
+    MODEL_CONFIG_YAML is registered in ``litgpt.config.name_to_config`` under its ``name`` (the
+    table that ``Config.from_name`` consults first), then the unmodified converter is called
+    with ``model_name=<that name>``. The converter reads the weights from, and writes
+    ``lit_model.pth`` + ``model_config.yaml`` into, its ``checkpoint_dir``; so the HF weight
+    files (and index) are symlinked into OUT_DIR, the converter runs on OUT_DIR, and the
+    symlinks are removed again. OUT_DIR/lit_model.pth is litgpt's own output, byte for byte.
+    NOTE: the copy function is chosen by litgpt from the *name* (see the dispatch in
+    convert_hf_checkpoint), so the name in the yaml matters.
+
+convert-lit
+    Runs litgpt's own ``convert_lit_checkpoint(LIT_DIR, OUT_DIR)``: writes OUT_DIR/model.pth
+    (a torch pickle of a flat HF-named state dict; no config.json, no safetensors).
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+
+def _load_yaml(path: Path) -> dict:
+    with open(path, encoding="utf-8") as fp:
+        d = yaml.safe_load(fp)
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a mapping, got {type(d).__name__}")
+    return d
+
+
+def cmd_logits(ckpt_dir: Path, tokens_json: Path, out_pt: Path) -> None:
+    from litgpt import GPT, Config
+
+    torch.manual_seed(0)
+    config = Config.from_file(ckpt_dir / "model_config.yaml")
+    with open(tokens_json, encoding="utf-8") as fp:
+        tokens = json.load(fp)
+    idx = torch.tensor(tokens, dtype=torch.long)
+    if idx.dim() != 2:
+        raise ValueError(f"TOKENS_JSON must be a list of lists (batch x seq), got shape {tuple(idx.shape)}")
+
+    prev_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        model = GPT(config)
+    finally:
+        torch.set_default_dtype(prev_dtype)
+    model = model.to(torch.float32)
+
+    # as litgpt does (utils.load_checkpoint / merge_lora): mmap'd torch.load, unwrap "model", strict load
+    state_dict = torch.load(str(ckpt_dir / "lit_model.pth"), weights_only=True, mmap=True)
+    state_dict = state_dict.get("model", state_dict)
+    model.load_state_dict(state_dict, strict=True)
+    model.eval()
+
+    with torch.no_grad():
+        logits = model(idx)
+    out_pt.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(logits.to(torch.float32).contiguous(), str(out_pt))
+    print(f"logits {tuple(logits.shape)} -> {out_pt}")
+
+
+def _weight_files(hf_dir: Path) -> list:
+    names = []
+    for p in sorted(hf_dir.iterdir()):
+        if p.is_file() and (
+            p.suffix in (".safetensors", ".bin") or p.name in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+        ):
+            names.append(p)
+    return names
+
+
+def cmd_convert_hf(hf_dir: Path, out_dir: Path, model_config_yaml: Path) -> None:
+    import litgpt.config as litgpt_config
+    from litgpt.scripts.convert_hf_checkpoint import convert_hf_checkpoint
+
+    conf_dict = _load_yaml(model_config_yaml)
+    name = conf_dict.get("name") or (conf_dict.get("hf_config") or {}).get("name")
+    if not name:
+        raise ValueError(f"{model_config_yaml}: 'name' is required (litgpt dispatches on it)")
+    # Validate the yaml against the installed Config (unknown keys raise TypeError here).
+    litgpt_config.Config(**conf_dict)
+    # Register it in the table Config.from_name looks at first; convert_hf_checkpoint is unchanged.
+    litgpt_config.name_to_config[name] = conf_dict
+
+    hf_dir = hf_dir.resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = out_dir.resolve()
+    linked = []
+    if out_dir != hf_dir:
+        for src in _weight_files(hf_dir):
+            dst = out_dir / src.name
+            if dst.exists() or dst.is_symlink():
+                dst.unlink()
+            os.symlink(src, dst)
+            linked.append(dst)
+    try:
+        convert_hf_checkpoint(out_dir, model_name=name)
+    finally:
+        for dst in linked:
+            dst.unlink()
+
+    # Sanity: litgpt's own model_config.yaml must describe the same Config we asked for.
+    written = _load_yaml(out_dir / "model_config.yaml")
+    wanted = _asdict_config(litgpt_config.Config(**conf_dict))
+    if written != wanted:
+        diff = {k: (wanted.get(k), written.get(k)) for k in set(wanted) | set(written) if wanted.get(k) != written.get(k)}
+        raise RuntimeError(f"litgpt wrote a different model_config.yaml: {diff}")
+
+
+def _asdict_config(config) -> dict:
+    import dataclasses
+
+    return yaml.safe_load(yaml.dump(dataclasses.asdict(config)))
+
+
+def cmd_convert_lit(lit_dir: Path, out_dir: Path) -> None:
+    from litgpt.scripts.convert_lit_checkpoint import convert_lit_checkpoint
+
+    convert_lit_checkpoint(lit_dir, out_dir)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("logits")
+    p.add_argument("ckpt_dir", type=Path)
+    p.add_argument("tokens_json", type=Path)
+    p.add_argument("out_pt", type=Path)
+    p = sub.add_parser("convert-hf")
+    p.add_argument("hf_dir", type=Path)
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("model_config_yaml", type=Path)
+    p = sub.add_parser("convert-lit")
+    p.add_argument("lit_dir", type=Path)
+    p.add_argument("out_dir", type=Path)
+    args = parser.parse_args(argv)
+
+    if args.cmd == "logits":
+        cmd_logits(args.ckpt_dir, args.tokens_json, args.out_pt)
+    elif args.cmd == "convert-hf":
+        cmd_convert_hf(args.hf_dir, args.out_dir, args.model_config_yaml)
+    elif args.cmd == "convert-lit":
+        cmd_convert_lit(args.lit_dir, args.out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
