@@ -1,0 +1,114 @@
+"""Tiny random models built locally with transformers, and the peer-framework runners."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BASE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=96, vocab_size=128, max_position_embeddings=256, rms_norm_eps=1e-6)
+
+# one entry per architecture (and per Llama generation) the core issue names
+MODELS: dict[str, tuple[str, dict]] = {
+    "llama2": ("llama", dict(num_key_value_heads=4)),
+    "llama3": ("llama", dict(rope_parameters={"rope_type": "default", "rope_theta": 500000.0})),
+    "llama3.1": ("llama", dict(rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
+    "llama3.2": ("llama", dict(tie_word_embeddings=True,
+                               rope_parameters={"rope_type": "default", "rope_theta": 500000.0})),
+    "mistral": ("mistral", dict(sliding_window=8)),
+    "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2": ("qwen2", dict()),
+    "phi3": ("phi3", dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "gemma": ("gemma", dict(head_dim=16)),
+}
+
+TOKENS = [[int(x) for x in torch.randint(0, 128, (20,), generator=torch.Generator().manual_seed(s))] for s in (1, 2)]
+
+
+def build_hf(model_key: str, path: Path, dtype: torch.dtype = torch.float32, **overrides) -> Path:
+    """Save a tiny random model; weights are re-drawn large enough that a misplaced tensor
+    (swapped q/k, gate/up, a wrong norm) changes the logits far beyond 1e-5."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, extra = MODELS[model_key]
+    cfg = AutoConfig.for_model(model_type, **{**BASE, **extra, **overrides})
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(sum(map(ord, model_key)))
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            else:
+                p.copy_(0.15 * torch.randn_like(p))
+    model = model.to(dtype)
+    model.save_pretrained(path)
+    return path
+
+
+def hf_logits(path: Path, tokens=TOKENS) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    with torch.no_grad():
+        return model(torch.tensor(tokens)).logits
+
+
+def litgpt_python() -> str | None:
+    exe = os.environ.get("WEIGHTPORT_LITGPT_PYTHON", str(ROOT / ".venv-litgpt" / "bin" / "python"))
+    return exe if Path(exe).exists() else None
+
+
+@pytest.fixture(scope="session")
+def litgpt_peer():
+    """Runs tests/peers/litgpt_peer.py in LitGPT's own virtual environment.
+
+    LitGPT 0.5.x pins huggingface_hub<1.4 while transformers 5 needs a newer one, so LitGPT
+    lives in its own venv and is driven as a subprocess. In CI it must be there.
+    """
+    exe = litgpt_python()
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("LitGPT venv missing in CI (.ci/run must create .venv-litgpt)")
+        pytest.skip("LitGPT venv (.venv-litgpt) not installed; run `make test` to create it")
+
+    def run(*args: str) -> None:
+        proc = subprocess.run([exe, str(ROOT / "tests" / "peers" / "litgpt_peer.py"), *map(str, args)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise AssertionError(f"litgpt peer {args[0]} failed:\n{proc.stderr[-4000:]}")
+
+    return run
+
+
+def litgpt_logits(peer, ckpt: Path, tmp: Path, tokens=TOKENS) -> torch.Tensor:
+    tok = tmp / "tokens.json"
+    tok.write_text(json.dumps(tokens))
+    out = tmp / "lit_logits.pt"
+    peer("logits", ckpt, tok, out)
+    return torch.load(out, weights_only=True)
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    """Content hash of every file under path, to prove a source was not modified."""
+    out = {}
+    for f in sorted(Path(path).rglob("*")):
+        if f.is_file():
+            out[str(f.relative_to(path))] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
+def run_cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "weightport", *map(str, args)], capture_output=True, text=True, **kw)
