@@ -6,7 +6,8 @@ One run of this script
 1. writes a random (not zero) bf16 Hugging Face checkpoint shaped like Meta-Llama-3-8B
    (~16 GB of sharded safetensors + ``model.safetensors.index.json`` + a transformers
    ``config.json``), one tensor at a time so the generator itself stays small;
-2. measures, each in its own subprocess and from a cold page cache, wall time and peak RSS of
+2. measures, each in its own subprocess and with the input checkpoint evicted from the page
+   cache, wall time and peak RSS of
 
    ===================  ========================================  =========================================
    direction            baseline                                  contenders
@@ -39,9 +40,14 @@ Why the design is the way it is
   ``signal->maxrss``): a 3 GB parent makes ``/bin/true`` report 3 GB. So everything that needs
   torch (generating, verifying, running LitGPT) runs in a child of its own and this process stays
   at a few MB, which is then also the measurement floor.
-* **Cold cache.** Before every measured command we ``sync`` and, when we may (root), write ``3``
-  to ``/proc/sys/vm/drop_caches``, so each tool reads its input from disk, as after a fresh
-  download. Without that permission the runs are "warm but not controlled"; the report says which.
+* **Cold input, warm code.** Before every measured command we ``sync`` and evict the input
+  checkpoint's files from the page cache with ``posix_fadvise(POSIX_FADV_DONTNEED)`` (works
+  without root, unlike ``/proc/sys/vm/drop_caches``), so each tool reads its input from disk.
+  The tool's own code is deliberately *warm*: right before the measured run an unmeasured
+  "prime" command imports the same libraries (``import torch`` alone takes ~4 s here, LitGPT's
+  imports ~10 s, and up to +4 s more from a cold cache), because writing 16 GB can push them out
+  of the cache and we want to compare converters, not disk reads of ``libtorch``. Import time
+  itself is still measured, as a user pays it too. ``--warm`` skips the eviction.
 * **Time until durable.** After a command exits we time a ``sync``: tools that leave gigabytes of
   dirty pages behind and tools that ``fsync`` are then compared fairly. The ratios use
   ``wall + sync``; the plain process wall time is reported too.
@@ -379,14 +385,23 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def try_drop_caches() -> bool:
+def evict(path: Path) -> int:
+    """Drop the (clean, after sync) page-cache pages of every file under ``path``, following
+    symlinks to their targets. Returns the number of bytes advised."""
     os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
+    files = [path] if not path.is_dir() else [Path(r) / f for r, _d, fs in os.walk(path) for f in fs]
+    total = 0
+    for f in files:
+        try:
+            fd = os.open(f, os.O_RDONLY)  # follows symlinks
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            total += os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+    return total
 
 
 def dir_bytes(p: Path) -> int:
@@ -433,11 +448,11 @@ class Sampler(threading.Thread):
 
 
 class Runner:
-    def __init__(self, workdir: Path, cold: bool, dry_disk_margin: int):
+    def __init__(self, workdir: Path, cold: bool, disk_margin: int):
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.cold = cold
-        self.margin = dry_disk_margin
+        self.margin = disk_margin
         self.workdir = workdir
 
     def need_space(self, nbytes: int, what: str) -> None:
@@ -448,18 +463,20 @@ class Runner:
                 f"{(nbytes + self.margin) / GIB:.1f} GiB (incl. {self.margin / GIB:.1f} GiB margin), "
                 f"have {free / GIB:.1f} GiB. Free some space or use --workdir on a bigger disk.")
 
-    def measure(self, label: str, argv: list[str], env: dict | None = None) -> dict:
-        """Run argv once from a cold cache; return wall/sync time, peak RSS and exit status."""
+    def measure(self, label: str, argv: list[str], inputs: Path, prime: list[list[str]]) -> dict:
+        """Run argv once with ``inputs`` evicted from the page cache and the tool's code primed
+        by the (unmeasured) ``prime`` commands; return wall/sync time, peak RSS, exit status."""
         logf = self.logs / (label.replace(" ", "_").replace("/", "-") + ".log")
+        for cmd in prime:  # failures do not matter here; the measured run will show them
+            subprocess.call(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         if self.cold:
-            try_drop_caches()
+            evict(inputs)
         else:
             os.sync()
         log(f"{label}: {shlex.join(argv)}")
         with open(logf, "wb") as out:
             t0 = time.perf_counter()
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                    stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             sampler = Sampler(proc.pid)
             sampler.start()
             _pid, status, ru = os.wait4(proc.pid, 0)
@@ -508,14 +525,30 @@ def verify(runner: Runner, py: str, label: str, a: Path, b: Path) -> dict:
 # The pipeline
 # --------------------------------------------------------------------------------------------
 
-def capture(argv: list[str]) -> str:
+def shebang_python(exe: str) -> str | None:
+    """The interpreter of a Python console script (to prime its imports), if it is one."""
+    path = shutil.which(exe) or exe
     try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=120).stdout.strip()
+        with open(path, "rb") as f:
+            first = f.readline(512).decode(errors="replace").strip()
+    except OSError:
+        return None
+    if first.startswith("#!") and "python" in first:
+        return shlex.split(first[2:])[0]
+    return None
+
+
+def capture(argv: list[str]) -> str:
+    """stdout of a quick informational command, or "" if it fails."""
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        return r.stdout.strip() if r.returncode == 0 else ""
     except Exception:
         return ""
 
 
 def machine_facts(args, cold: bool) -> dict:
+    dirty = {k: open(f"/proc/sys/vm/{k}").read().strip() for k in ("dirty_ratio", "dirty_background_ratio")}
     mem_kib = 0
     with open("/proc/meminfo") as f:
         for line in f:
@@ -535,13 +568,15 @@ def machine_facts(args, cold: bool) -> dict:
         "safetensors": capture([args.torch_python, "-c", "import safetensors; print(safetensors.__version__)"]),
         "litgpt": capture([args.litgpt_python, "-c", "import importlib.metadata as m; print(m.version('litgpt'))"]),
         "litgpt_torch": capture([args.litgpt_python, "-c", "import torch; print(torch.__version__)"]),
-        "weightport": wp_ver.splitlines()[-1] if wp_ver else "",
+        "weightport": wp_ver.splitlines()[0] if wp_ver else "",
         "weightport_git": capture(["git", "-C", str(REPO), "describe", "--always", "--dirty"]),
         "cp": capture(["cp", "--version"]).splitlines()[0] if capture(["cp", "--version"]) else "",
         "loadavg": open("/proc/loadavg").read().split()[:3],
-        "cache": ("cold: `sync` + `echo 3 > /proc/sys/vm/drop_caches` before every measured command"
-                  if cold else "NOT dropped (no permission or --warm): `sync` only before each command; "
-                  "the input may be partly in page cache"),
+        "cache": ("input cold: `sync` + `posix_fadvise(DONTNEED)` on every input file before each measured "
+                  "command; tool code warm (an unmeasured import/`--help` of the same tool just before)"
+                  if cold else "NOT evicted (--warm): `sync` only before each command; the input may be "
+                  "partly in the page cache"),
+        "dirty": f"vm.dirty_ratio {dirty['dirty_ratio']}, vm.dirty_background_ratio {dirty['dirty_background_ratio']}",
         "disk_free_gib": shutil.disk_usage(args.workdir).free / GIB,
     }
 
@@ -551,10 +586,18 @@ def run_benchmark(args) -> None:
     mbytes = model_bytes(s)
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    cold = (not args.warm) and try_drop_caches()
-    runner = Runner(workdir, cold, dry_disk_margin=max(GIB, int(0.03 * mbytes)))
+    cold = not args.warm
+    runner = Runner(workdir, cold, disk_margin=max(GIB, int(0.03 * mbytes)))
     py = args.torch_python
     wp = shlex.split(args.weightport_cmd) + shlex.split(args.weightport_extra)
+    # Unmeasured commands that load each tool's code into the page cache (see docstring).
+    prime_cp = [["cp", "--version"]]
+    prime_wp = [shlex.split(args.weightport_cmd) + ["--help"]]
+    wp_py = wp[0] if Path(wp[0]).name.startswith("python") else shebang_python(wp[0])
+    if wp_py:
+        prime_wp.append([wp_py, "-c", "import torch, safetensors"])
+    prime_lit = [[args.litgpt_python, "-c",
+                  "import litgpt.scripts.convert_hf_checkpoint, litgpt.scripts.convert_lit_checkpoint"]]
 
     # Layout. The HF directory name is what LitGPT resolves the config from.
     hf_dir = workdir / "hf" / s["org"] / s["name"]
@@ -570,7 +613,7 @@ def run_benchmark(args) -> None:
         rm(out)
     runner.need_space((0 if have_hf else mbytes) + 2 * mbytes, "the whole run (3 model-sized trees)")
     facts = machine_facts(args, cold)
-    log(f"scale={args.scale}: {len(llama_tensors(s))} tensors, {mbytes / 1e9:.2f} GB in "
+    log(f"scale={args.scale}: {len(llama_tensors(s))} tensors, {human(mbytes)} in "
         f"{len(plan_shards(s))} shards; workdir {workdir}; cache {'cold' if cold else 'warm'}; "
         f"{facts['disk_free_gib']:.1f} GiB free")
     out.mkdir(parents=True)
@@ -592,13 +635,13 @@ def run_benchmark(args) -> None:
         # 2. HF -> LitGPT
         r = results["hf2lit"]
         runner.need_space(mbytes, "cp -r of the HF checkpoint")
-        r["cp"] = runner.measure("hf2lit cp", ["cp", "-r", str(hf_dir), str(out / "cp-hf")])
+        r["cp"] = runner.measure("hf2lit cp", ["cp", "-r", str(hf_dir), str(out / "cp-hf")], hf_dir, prime_cp)
         rm(out / "cp-hf")
 
         if not args.skip_weightport:
             runner.need_space(mbytes, "weightport's LitGPT output")
             r["weightport"] = runner.measure("hf2lit weightport",
-                                             wp + ["convert", str(hf_dir), str(lit_wp), "--to", "litgpt"])
+                                             wp + ["convert", str(hf_dir), str(lit_wp), "--to", "litgpt"], hf_dir, prime_wp)
             if r["weightport"]["rc"] != 0:
                 rm(lit_wp)
 
@@ -612,7 +655,7 @@ def run_benchmark(args) -> None:
             runner.need_space(mbytes, "LitGPT's lit_model.pth")
             extra = "{}" if s["litgpt_builtin"] else json.dumps(litgpt_config(s))
             r["litgpt"] = runner.measure("hf2lit litgpt", [args.litgpt_python, str(THIS), "_litgpt_hf2lit",
-                                                           str(lit_ref), extra])
+                                                           str(lit_ref), extra], hf_dir, prime_lit)
             if (lit_ref / "model_config.yaml").is_file():
                 shutil.copy(lit_ref / "model_config.yaml", saved_yaml)
             if args.verify and r["litgpt"]["rc"] == 0 and (lit_wp / "lit_model.pth").is_file():
@@ -643,14 +686,14 @@ def run_benchmark(args) -> None:
             r = results["lit2hf"]
             lit_bytes = dir_bytes(lit_dir)
             runner.need_space(lit_bytes, "cp -r of the LitGPT checkpoint")
-            r["cp"] = runner.measure("lit2hf cp", ["cp", "-r", str(lit_dir), str(out / "cp-lit")])
+            r["cp"] = runner.measure("lit2hf cp", ["cp", "-r", str(lit_dir), str(out / "cp-lit")], lit_dir, prime_cp)
             rm(out / "cp-lit")
 
             if not args.skip_weightport:
                 runner.need_space(lit_bytes, "weightport's HF output")
                 hf_back = out / "hf-weightport"
                 r["weightport"] = runner.measure("lit2hf weightport",
-                                                 wp + ["convert", str(lit_dir), str(hf_back), "--to", "hf"])
+                                                 wp + ["convert", str(lit_dir), str(hf_back), "--to", "hf"], lit_dir, prime_wp)
                 if args.verify and r["weightport"]["rc"] == 0:
                     results["verify"]["lit2hf weightport == source HF"] = verify(runner, py, "lit2hf-wp", hf_dir, hf_back)
                 rm(hf_back)
@@ -667,7 +710,7 @@ def run_benchmark(args) -> None:
                 runner.need_space(lit_bytes, "LitGPT's model.pth")
                 lit_back = out / "hf-litgpt"
                 r["litgpt"] = runner.measure("lit2hf litgpt", [args.litgpt_python, str(THIS), "_litgpt_lit2hf",
-                                                               str(lit_in), str(lit_back)])
+                                                               str(lit_in), str(lit_back)], lit_in, prime_lit)
                 if args.verify and r["litgpt"]["rc"] == 0:
                     results["verify"]["lit2hf litgpt == source HF"] = verify(runner, py, "lit2hf-litgpt", hf_dir, lit_back)
                 rm(lit_back)
@@ -690,6 +733,13 @@ def run_benchmark(args) -> None:
 # Report
 # --------------------------------------------------------------------------------------------
 
+def human(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
 TARGETS = dict(time_vs_cp=1.5, rss_gib=2.0, speedup_vs_litgpt=2.0, rss_vs_litgpt=5.0)
 
 
@@ -709,8 +759,8 @@ def render_report(res: dict, args) -> str:
              f"{'Meta-Llama-3-8B' if res['scale'] == 'full' else 'Llama'} shape: hidden {s['hidden']}, "
              f"{s['layers']} layers, {s['heads']} heads / {s['kv_heads']} kv heads, intermediate "
              f"{s['intermediate']}, vocab {s['vocab']}, untied lm_head; "
-             f"{res['model_bytes'] / 1e9:.2f} GB in {len(shards)} safetensors shards "
-             f"(≤ {s['shard_bytes'] / 1e9:g} GB each).\n")
+             f"{human(res['model_bytes'])} in {len(shards)} safetensors shards "
+             f"(≤ {human(s['shard_bytes'])} each).\n")
 
     L.append("## Machine\n")
     L.append("| | |\n|---|---|")
@@ -721,7 +771,7 @@ def render_report(res: dict, args) -> str:
         ("litgpt (its own venv, torch " + f["litgpt_torch"] + ")", f["litgpt"]),
         ("weightport", (f["weightport"] or "?") + (f" (git {f['weightport_git']})" if f["weightport_git"] else "")),
         ("weightport command", f"`{args.weightport_cmd}`"), ("cp", f["cp"]),
-        ("page cache", f["cache"]), ("load average at start", " ".join(f["loadavg"])),
+        ("page cache", f["cache"]), ("writeback", f["dirty"]), ("load average at start", " ".join(f["loadavg"])),
         ("free disk at start", f"{f['disk_free_gib']:.1f} GiB"),
     ]
     L += [f"| {k} | {v} |" for k, v in rows]
@@ -815,11 +865,13 @@ def textwrap_method(res: dict) -> str:
         "pickle, no safetensors), run with the LitGPT venv's Python. HF → LitGPT runs on a directory of "
         "symlinks to the source files named like the model, because LitGPT picks its config from the "
         "directory name and writes into it. Its times include importing litgpt/lightning.",
-        "- LitGPT → HF input: " + ("weightport's own LitGPT output" if "lit-weightport" in str(res.get("lit2hf_input"))
+        "- LitGPT → HF input: " + ("not run" if res.get("lit2hf_input") in (None, "None") else
+                                    "weightport's own LitGPT output" if "lit-weightport" in str(res.get("lit2hf_input"))
                                     else "LitGPT's `lit_model.pth`") + "; all three tools read the same file.",
         "- weightport: `weightport convert SRC DST --to litgpt|hf` into a fresh directory; its times include "
         "Python start-up and imports.",
-        "- Verification (not timed) compares every tensor bit for bit after each conversion.",
+        "- Verification (not timed; `--no-verify` skips it) compares every tensor (name, dtype, shape, "
+        "bytes) of weightport's LitGPT output with LitGPT's, and of each HF output with the source.",
     ]) + "\n"
 
 
@@ -858,7 +910,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-weightport", action="store_true", help="do not run weightport")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the (untimed) bit-exactness checks of the outputs")
-    p.add_argument("--warm", action="store_true", help="do not drop the page cache before each command")
+    p.add_argument("--warm", action="store_true",
+                   help="do not evict the input checkpoint from the page cache before each command")
     p.add_argument("--weightport-cmd", default=os.environ.get("WEIGHTPORT_CMD", str(REPO / ".venv" / "bin" / "weightport")),
                    help="weightport command (shell-quoted string; env WEIGHTPORT_CMD; default: %(default)s)")
     p.add_argument("--weightport-extra", default="",

@@ -53,3 +53,11 @@ def test_hf_litgpt_hf(key, tmp_path, litgpt_peer):
     for name in a:
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
     assert (hf_logits(back) - expected).abs().max().item() < TOL
+
+    # LitGPT's own output has no config.json: the HF config comes from model_config.yaml alone
+    assert not (theirs / "config.json").exists()
+    back2 = tmp_path / "back_from_theirs"
+    weightport.convert(theirs, back2, "hf")
+    c = _hf_tensors(back2)
+    assert sorted(a) == sorted(c) and all(torch.equal(a[n], c[n]) for n in a)
+    assert (hf_logits(back2) - expected).abs().max().item() < TOL

@@ -116,8 +116,10 @@ class LitGPTFormat(Format):
             names = source.tensors
             legacy = any(n.endswith(".attn.attn.weight") for n in names)
             tied = _stored_tied(source, lit)
+            generation_path = config_path.parent / "generation_config.json"
+            generation = load_json(generation_path) if generation_path.is_file() else None
             try:
-                hf = to_hf(lit, tied)
+                hf = to_hf(lit, tied, generation)
             except KeyError as e:
                 raise WeightportError(f"{config_path}: missing field {e}") from None
             model = model_from_hf_config(hf, str(config_path))
@@ -132,12 +134,11 @@ class LitGPTFormat(Format):
                     notes.append(f"config from {sidecar.name} (matches {config_path.name})")
                 else:
                     notes.append(f"ignored {sidecar.name}: it describes a different network than {config_path.name}")
-            generation = config_path.parent / "generation_config.json"
             return Checkpoint(
                 path=path, format=self, variant="legacy lit-gpt (interleaved attn.attn)" if legacy else "lit_model.pth",
                 model=model, source=source, rules=litgpt_rules(model, legacy),
                 side_files=find_side_files(config_path.parent),
-                generation_config=load_json(generation) if generation.is_file() else None, notes=notes)
+                generation_config=generation, notes=notes)
         except BaseException:
             source.close()
             raise

@@ -114,8 +114,13 @@ def arch_of_litgpt(lit: dict) -> str:
     return "llama"
 
 
-def to_hf(lit: dict, tied: bool) -> dict:
-    """A Hugging Face config.json for the model a LitGPT config describes."""
+def to_hf(lit: dict, tied: bool, generation: dict | None = None) -> dict:
+    """A Hugging Face config.json for the model a LitGPT config describes.
+
+    LitGPT keeps no special token ids; they come from generation_config.json when there is
+    one, and are otherwise written as null rather than left to transformers' per-model
+    defaults (Phi-3's default pad id 32000 is out of range for smaller vocabularies).
+    """
     lit = {LEGACY_KEYS.get(k, k): v for k, v in lit.items()}
     arch = ARCHS[arch_of_litgpt(lit)]
     n_embd, n_head = lit["n_embd"], lit["n_head"]
@@ -128,6 +133,8 @@ def to_hf(lit: dict, tied: bool) -> dict:
         "head_dim": head, "vocab_size": vocab, "max_position_embeddings": lit.get("block_size", 4096),
         "rms_norm_eps": lit.get("norm_eps", 1e-5), "hidden_act": "silu", "tie_word_embeddings": tied,
     }
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        cfg[key] = (generation or {}).get(key)
     org, name = (lit.get("hf_config") or {}).get("org"), (lit.get("hf_config") or {}).get("name")
     if org and name:
         cfg["_name_or_path"] = f"{org}/{name}"
