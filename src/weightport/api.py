@@ -55,6 +55,8 @@ def convert(src: str | Path, out: str | Path, to: str, *, source_format: str | N
             allow_overflow: bool = False, dry_run: bool = False, progress: bool = False) -> Plan:
     """Convert the checkpoint at `src` into format `to` at `out`; returns the executed plan."""
     src, out = Path(src), Path(out)
+    if not src.exists():
+        raise WeightportError(f"{src}: no such file or directory")
     _check_output(src, out, force)
     plan = plan_conversion(src, out, to, source_format=source_format, dtype=dtype, max_shard_size=max_shard_size)
     try:

@@ -151,8 +151,9 @@ def build_plan(source: Checkpoint, target: Format, out_dir: Path, dtype: torch.d
             continue
         for h, s in zip(rule.hub, hub_shapes):
             if tuple(s) != tuple(expected[h]):
+                via = "" if rule.fmt == (h,) else f" for {h}"
                 problems.append(f"{where}: tensor {rule.fmt[0]} has shape {list(shapes[0])}, but the config "
-                                f"implies {list(expected[h])} for {h} (config disagrees with tensor shapes)")
+                                f"implies {list(expected[h])}{via} (config disagrees with tensor shapes)")
             hub_dtype[h] = metas[rule.fmt[0]].dtype
         read_steps.append(Step(rule.fmt, rule.hub, rule.op, backward=True))
     _fail(problems)

@@ -55,7 +55,8 @@ class SafetensorsFile:
         self.metadata = header.pop("__metadata__", None) or {}
         self._data_start = 8 + n
         data_size = size - self._data_start
-        for name, e in header.items():
+        # by offset, so a cut file is reported at the first tensor the cut reaches
+        for name, e in sorted(header.items(), key=lambda kv: _begin(kv[1])):
             try:
                 dtype = SAFETENSORS_DTYPES[e["dtype"]]
                 shape = tuple(int(d) for d in e["shape"])
@@ -73,6 +74,8 @@ class SafetensorsFile:
 
     def load(self, name: str) -> torch.Tensor:
         shape, dtype, begin, end = self.entries[name]
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
         buf = torch.empty(end - begin, dtype=torch.uint8)
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
@@ -89,6 +92,13 @@ class SafetensorsFile:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _begin(entry) -> int:
+    try:
+        return int(entry["data_offsets"][0])
+    except (KeyError, TypeError, ValueError, IndexError):
+        return -1
 
 
 def header_bytes(tensors: list[tuple[str, tuple[int, ...], torch.dtype]], metadata: dict[str, str]) -> bytes:
