@@ -31,7 +31,13 @@ MODELS: dict[str, tuple[str, dict]] = {
     "qwen2": ("qwen2", dict()),
     "phi3": ("phi3", dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "gemma": ("gemma", dict(head_dim=16)),
+    # beyond the list: what a real checkpoint's config can add
+    "gemma-2b": ("gemma", dict(head_dim=16, num_key_value_heads=1, _name_or_path="google/gemma-2b")),
+    "qwen2-sliding": ("qwen2", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1)),
+    "llama-bias": ("llama", dict(attention_bias=True, mlp_bias=True)),
 }
+# LitGPT's own convert_hf_checkpoint has no keys for Llama o_proj/MLP biases (KeyError)
+PEER_CONVERTER_UNSUPPORTED = {"llama-bias"}
 
 TOKENS = [[int(x) for x in torch.randint(0, 128, (20,), generator=torch.Generator().manual_seed(s))] for s in (1, 2)]
 
@@ -42,18 +48,25 @@ def build_hf(model_key: str, path: Path, dtype: torch.dtype = torch.float32, **o
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type, extra = MODELS[model_key]
-    cfg = AutoConfig.for_model(model_type, **{**BASE, **extra, **overrides})
+    settings = {**BASE, **extra, **overrides}
+    repo = settings.pop("_name_or_path", None)
+    cfg = AutoConfig.for_model(model_type, **settings)
     cfg._attn_implementation = "eager"
     torch.manual_seed(sum(map(ord, model_key)))
     model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1:
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
             else:
-                p.copy_(0.15 * torch.randn_like(p))
+                p.copy_(0.1 * torch.randn_like(p))
     model = model.to(dtype)
     model.save_pretrained(path)
+    if repo:  # as from_pretrained(repo).save_pretrained() records it
+        cfg_path = path / "config.json"
+        saved = json.loads(cfg_path.read_text())
+        saved["_name_or_path"] = repo
+        cfg_path.write_text(json.dumps(saved, indent=2))
     return path
 
 

@@ -33,6 +33,20 @@ LITGPT_DEFAULTS: dict = {
 # the name prefix LitGPT's own code keys on for each architecture
 NAME_PREFIX = {"llama": "Llama", "mistral": "Mistral", "mixtral": "Mixtral", "qwen2": "Qwen2.5",
                "phi3": "Phi-3", "gemma": "Gemma"}
+# name prefixes (lower case) that send LitGPT's converters down another model's path
+_OTHER_PATHS = ("gemma-2", "gemma-3", "phi", "qwen2.5", "qwq", "olmo-2-", "qwen3")
+
+
+def _name_fits(arch: str, name: str) -> bool:
+    """Whether LitGPT, keying on `name`, treats the model as `arch` (see litgpt.md §4)."""
+    low = name.lower()
+    if arch == "qwen2":
+        return low.startswith(("qwen2.5", "qwq"))
+    if arch == "phi3":
+        return name.startswith("Phi-3")
+    if arch == "gemma":  # "Gemma" turns on the (1 + w) RMSNorm; Gemma-2/3 prefixes pick other copiers
+        return "Gemma" in name and not low.startswith(("gemma-2", "gemma-3"))
+    return not (low.startswith(_OTHER_PATHS) or "falcon" in low or "Gemma" in name or "OLMo" in name)
 
 # pre-0.3 lit-gpt spellings, read from lit_config.json
 LEGACY_KEYS = {"_norm_class": "norm_class_name", "_mlp_class": "mlp_class_name", "condense_ratio": "rope_condense_ratio"}
@@ -49,8 +63,7 @@ def to_litgpt(model: Model) -> dict:
     out = dict(LITGPT_DEFAULTS)
     repo = str(cfg.get("_name_or_path") or "").rstrip("/")
     base = repo.rsplit("/", 1)[-1]
-    prefix = NAME_PREFIX[arch]
-    out["name"] = base if base.lower().startswith(prefix.lower()) else f"{prefix}-{base or 'weightport'}"
+    out["name"] = base if base and _name_fits(arch, base) else f"{NAME_PREFIX[arch]}-{base or 'weightport'}"
     if "/" in repo and not repo.startswith(("/", ".")):
         out["hf_config"] = {"org": repo.split("/")[0], "name": base}
     out.update(
@@ -78,7 +91,12 @@ def to_litgpt(model: Model) -> dict:
                    gelu_approximate="tanh" if act in ("gelu_pytorch_tanh", "gelu_tanh") else "none")
     window = cfg.get("sliding_window")
     if window is not None and cfg.get("use_sliding_window", True):
-        out.update(sliding_window_size=window, sliding_window_indices=[1] * d.n_layer)
+        kinds = cfg.get("layer_types")
+        if kinds is None and arch == "qwen2":  # transformers derives Qwen2's per-layer kinds like this
+            kinds = ["sliding_attention" if i >= cfg.get("max_window_layers", 0) else "full_attention"
+                     for i in range(d.n_layer)]
+        indices = [int(k == "sliding_attention") for k in kinds] if kinds else [1] * d.n_layer
+        out.update(sliding_window_size=window, sliding_window_indices=indices)
     scaling = rope_scaling(cfg)
     if scaling:
         kind = scaling.get("rope_type")
@@ -157,6 +175,14 @@ def to_hf(lit: dict, tied: bool, generation: dict | None = None) -> dict:
         cfg["hidden_act"] = cfg["hidden_activation"] = act
     if arch.name in ("mistral", "mixtral", "qwen2", "phi3"):
         cfg["sliding_window"] = lit.get("sliding_window_size")
+        indices = lit.get("sliding_window_indices")
+        if cfg["sliding_window"] is not None and indices and not all(indices):
+            if arch.name != "qwen2":
+                raise WeightportError(f"LitGPT config {lit.get('name')!r}: sliding window on only some layers "
+                                      f"has no {arch.hf_class} equivalent")
+            cfg["layer_types"] = ["sliding_attention" if i else "full_attention" for i in indices]
+        if arch.name == "qwen2":
+            cfg["use_sliding_window"] = cfg["sliding_window"] is not None
     if arch.name == "phi3":
         cfg["partial_rotary_factor"] = lit.get("rotary_percentage", 1.0)
         cfg["rope_parameters"]["partial_rotary_factor"] = cfg["partial_rotary_factor"]
