@@ -448,7 +448,8 @@ class Sampler(threading.Thread):
 
 
 class Runner:
-    def __init__(self, workdir: Path, cold: bool, disk_margin: int):
+    def __init__(self, workdir: Path, cold: bool, disk_margin: int, repeat: int):
+        self.repeat = repeat
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.cold = cold
@@ -463,10 +464,23 @@ class Runner:
                 f"{(nbytes + self.margin) / GIB:.1f} GiB (incl. {self.margin / GIB:.1f} GiB margin), "
                 f"have {free / GIB:.1f} GiB. Free some space or use --workdir on a bigger disk.")
 
-    def measure(self, label: str, argv: list[str], inputs: Path, prime: list[list[str]]) -> dict:
+    def measure(self, label: str, argv: list[str], inputs: Path, prime: list[list[str]], output: Path) -> dict:
+        """Run argv ``--repeat`` times (deleting ``output`` between runs). Returns the run with the
+        median wall+sync time, with the peak RSS of the worst run, and all runs under "runs"."""
+        runs: list[dict] = []
+        for k in range(self.repeat):
+            if k:
+                rm(output)
+            runs.append(self._once(label + (f" #{k + 1}" if self.repeat > 1 else ""), argv, inputs, prime))
+            if runs[-1]["rc"] != 0:
+                return dict(runs[-1], runs=runs)
+        med = sorted(runs, key=lambda r: r["total"])[(len(runs) - 1) // 2]
+        return dict(med, runs=runs, **{k: max(r[k] for r in runs) for k in ("maxrss_kib", "anon_kib", "file_kib")})
+
+    def _once(self, label: str, argv: list[str], inputs: Path, prime: list[list[str]]) -> dict:
         """Run argv once with ``inputs`` evicted from the page cache and the tool's code primed
         by the (unmeasured) ``prime`` commands; return wall/sync time, peak RSS, exit status."""
-        logf = self.logs / (label.replace(" ", "_").replace("/", "-") + ".log")
+        logf = self.logs / (label.replace(" ", "_").replace("/", "-").replace("#", "") + ".log")
         for cmd in prime:  # failures do not matter here; the measured run will show them
             subprocess.call(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         if self.cold:
@@ -587,7 +601,8 @@ def run_benchmark(args) -> None:
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     cold = not args.warm
-    runner = Runner(workdir, cold, disk_margin=max(GIB, int(0.03 * mbytes)))
+    rm(workdir / "logs")  # logs of the previous run
+    runner = Runner(workdir, cold, disk_margin=max(GIB, int(0.03 * mbytes)), repeat=args.repeat)
     py = args.torch_python
     wp = shlex.split(args.weightport_cmd) + shlex.split(args.weightport_extra)
     # Unmeasured commands that load each tool's code into the page cache (see docstring).
@@ -617,7 +632,7 @@ def run_benchmark(args) -> None:
         f"{len(plan_shards(s))} shards; workdir {workdir}; cache {'cold' if cold else 'warm'}; "
         f"{facts['disk_free_gib']:.1f} GiB free")
     out.mkdir(parents=True)
-    results: dict = {"scale": args.scale, "model_bytes": mbytes, "facts": facts, "hf2lit": {},
+    results: dict = {"scale": args.scale, "repeat": args.repeat, "model_bytes": mbytes, "facts": facts, "hf2lit": {},
                      "lit2hf": {}, "verify": {}, "notes": []}
     try:
         # 1. The source checkpoint (reused if a previous --keep run left a complete one).
@@ -635,13 +650,13 @@ def run_benchmark(args) -> None:
         # 2. HF -> LitGPT
         r = results["hf2lit"]
         runner.need_space(mbytes, "cp -r of the HF checkpoint")
-        r["cp"] = runner.measure("hf2lit cp", ["cp", "-r", str(hf_dir), str(out / "cp-hf")], hf_dir, prime_cp)
+        r["cp"] = runner.measure("hf2lit cp", ["cp", "-r", str(hf_dir), str(out / "cp-hf")], hf_dir, prime_cp, out / "cp-hf")
         rm(out / "cp-hf")
 
         if not args.skip_weightport:
             runner.need_space(mbytes, "weightport's LitGPT output")
             r["weightport"] = runner.measure("hf2lit weightport",
-                                             wp + ["convert", str(hf_dir), str(lit_wp), "--to", "litgpt"], hf_dir, prime_wp)
+                                             wp + ["convert", str(hf_dir), str(lit_wp), "--to", "litgpt"], hf_dir, prime_wp, lit_wp)
             if r["weightport"]["rc"] != 0:
                 rm(lit_wp)
 
@@ -655,7 +670,8 @@ def run_benchmark(args) -> None:
             runner.need_space(mbytes, "LitGPT's lit_model.pth")
             extra = "{}" if s["litgpt_builtin"] else json.dumps(litgpt_config(s))
             r["litgpt"] = runner.measure("hf2lit litgpt", [args.litgpt_python, str(THIS), "_litgpt_hf2lit",
-                                                           str(lit_ref), extra], hf_dir, prime_lit)
+                                                           str(lit_ref), extra], hf_dir, prime_lit,
+                                   lit_ref / "lit_model.pth")
             if (lit_ref / "model_config.yaml").is_file():
                 shutil.copy(lit_ref / "model_config.yaml", saved_yaml)
             if args.verify and r["litgpt"]["rc"] == 0 and (lit_wp / "lit_model.pth").is_file():
@@ -686,14 +702,14 @@ def run_benchmark(args) -> None:
             r = results["lit2hf"]
             lit_bytes = dir_bytes(lit_dir)
             runner.need_space(lit_bytes, "cp -r of the LitGPT checkpoint")
-            r["cp"] = runner.measure("lit2hf cp", ["cp", "-r", str(lit_dir), str(out / "cp-lit")], lit_dir, prime_cp)
+            r["cp"] = runner.measure("lit2hf cp", ["cp", "-r", str(lit_dir), str(out / "cp-lit")], lit_dir, prime_cp, out / "cp-lit")
             rm(out / "cp-lit")
 
             if not args.skip_weightport:
                 runner.need_space(lit_bytes, "weightport's HF output")
                 hf_back = out / "hf-weightport"
                 r["weightport"] = runner.measure("lit2hf weightport",
-                                                 wp + ["convert", str(lit_dir), str(hf_back), "--to", "hf"], lit_dir, prime_wp)
+                                                 wp + ["convert", str(lit_dir), str(hf_back), "--to", "hf"], lit_dir, prime_wp, hf_back)
                 if args.verify and r["weightport"]["rc"] == 0:
                     results["verify"]["lit2hf weightport == source HF"] = verify(runner, py, "lit2hf-wp", hf_dir, hf_back)
                 rm(hf_back)
@@ -710,7 +726,7 @@ def run_benchmark(args) -> None:
                 runner.need_space(lit_bytes, "LitGPT's model.pth")
                 lit_back = out / "hf-litgpt"
                 r["litgpt"] = runner.measure("lit2hf litgpt", [args.litgpt_python, str(THIS), "_litgpt_lit2hf",
-                                                               str(lit_in), str(lit_back)], lit_in, prime_lit)
+                                                               str(lit_in), str(lit_back)], lit_in, prime_lit, lit_back)
                 if args.verify and r["litgpt"]["rc"] == 0:
                     results["verify"]["lit2hf litgpt == source HF"] = verify(runner, py, "lit2hf-litgpt", hf_dir, lit_back)
                 rm(lit_back)
@@ -750,10 +766,15 @@ def render_report(res: dict, args) -> str:
     L.append("# Conversion benchmark: weightport vs `cp -r` vs LitGPT\n")
     L.append(f"Generated by `bench/bench_convert.py --scale {res['scale']}` on {f['date']}. "
              "Re-run with `python3 bench/bench_convert.py` (see its docstring).\n")
-    if res["scale"] != "full":
-        L.append(f"> **Scale `{res['scale']}` is a smoke test, not the benchmark.** Start-up costs "
+    if res["scale"] == "small":
+        L.append("> **Scale `small` is a smoke test, not the benchmark.** Start-up costs "
                  "(Python + torch imports) dominate at this size, so the ratios and target verdicts "
                  "below say nothing about a real model. Run `--scale full` for the real numbers.\n")
+    elif res["scale"] != "full":
+        L.append(f"> **Scale `{res['scale']}` is a reduced model ({s['layers']} of 32 layers), not the "
+                 "benchmark.** Tensor sizes are real, so the ratios are indicative, but start-up costs weigh "
+                 "more and LitGPT's memory (which grows with the shard size) is lower than at full scale. "
+                 "Run `--scale full` for the real numbers.\n")
     shards = plan_shards(s)
     L.append(f"Checkpoint: random bf16 (N(0, 0.02); RMSNorm weights N(1, 0.02)), "
              f"{'Meta-Llama-3-8B' if res['scale'] == 'full' else 'Llama'} shape: hidden {s['hidden']}, "
@@ -798,7 +819,11 @@ def render_report(res: dict, args) -> str:
                 L.append(f"| {names[tool]} | **failed** (exit {m['rc']}, log `{Path(m['log']).name}`) | | | | | | |")
                 continue
             ratio = f"{m['total'] / cp['total']:.2f}" if cp and cp["rc"] == 0 else "?"
-            L.append(f"| {names[tool]} | {m['wall']:.1f} | {m['sync']:.1f} | {m['total']:.1f} | {ratio} | "
+            tot = f"{m['total']:.1f}"
+            if len(m.get("runs", [])) > 1:
+                ts = [x["total"] for x in m["runs"]]
+                tot += f" ({min(ts):.1f}–{max(ts):.1f})"
+            L.append(f"| {names[tool]} | {m['wall']:.1f} | {m['sync']:.1f} | {tot} | {ratio} | "
                      f"{gib(m['maxrss_kib']):.2f} | {gib(m['anon_kib']):.2f} | {m['user'] + m['sys']:.1f} |")
         wpm, ltm = r.get("weightport"), r.get("litgpt")
         ok = lambda m: m is not None and m["rc"] == 0  # noqa: E731
@@ -829,7 +854,7 @@ def render_report(res: dict, args) -> str:
             cells.append("n/a" if x is None else f"{fmt.format(x)} — {'met' if good(x) else '**missed**'}")
         L.append(f"| {text} | {cells[0]} | {cells[1]} |")
     if res["scale"] != "full":
-        L.append(f"\n(Verdicts at scale `{res['scale']}` are not meaningful; see the note at the top.)")
+        L.append(f"\n(Verdicts at scale `{res['scale']}` are not the benchmark's; see the note at the top.)")
     L.append("")
 
     L.append("## Correctness\n")
@@ -852,7 +877,10 @@ def render_report(res: dict, args) -> str:
 
 def textwrap_method(res: dict) -> str:
     return "\n".join([
-        "- Each command runs once, as its own subprocess of a benchmark process that imports no torch "
+        ("- Each command runs once" if res.get("repeat", 1) == 1 else
+         f"- Each command runs {res['repeat']} times; the table shows the run with the median wall+sync "
+         "(with min–max) and the largest peak RSS of all runs") +
+        ", as its own subprocess of a benchmark process that imports no torch "
         "(a child's `ru_maxrss` starts from its parent's RSS high-water mark, so a big parent would "
         "inflate every child).",
         "- **wall s**: from spawn to exit. **sync after s**: a `sync` right after, so that tools which "
@@ -910,6 +938,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-weightport", action="store_true", help="do not run weightport")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the (untimed) bit-exactness checks of the outputs")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run each measured command N times; report the median time (and min–max) and the "
+                        "largest peak RSS (default: %(default)s)")
     p.add_argument("--warm", action="store_true",
                    help="do not evict the input checkpoint from the page cache before each command")
     p.add_argument("--weightport-cmd", default=os.environ.get("WEIGHTPORT_CMD", str(REPO / ".venv" / "bin" / "weightport")),
@@ -921,6 +952,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--litgpt-python", default=str(REPO / ".venv-litgpt" / "bin" / "python"),
                    help="Python of the LitGPT venv (default: %(default)s)")
     args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error("--repeat must be >= 1")
 
     for what, exe in (("--torch-python", args.torch_python),) + (
             (("--litgpt-python", args.litgpt_python),) if not args.skip_litgpt else ()):
