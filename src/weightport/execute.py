@@ -102,6 +102,8 @@ def _stream(plan: Plan, writer, allow_overflow: bool, progress: bool) -> None:
                 cast[1] = cast[0]
             writer.write_group(list(step.outputs), cast)
             bar.update(sum(planned[n].nbytes for n in dict.fromkeys(step.outputs)))
+            # drop this group before reading the next: peak memory is one group, not two
+            del outs, cast, t
     finally:
         bar.close()
 

@@ -15,6 +15,7 @@ import torch
 
 from ..dtypes import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS, itemsize
 from ..errors import WeightportError
+from .pread import read_range
 
 # a header larger than this is not a checkpoint header but a corrupt length field
 _MAX_HEADER = 100 * 2**20
@@ -76,16 +77,11 @@ class SafetensorsFile:
         shape, dtype, begin, end = self.entries[name]
         if end == begin:
             return torch.empty(shape, dtype=dtype)
-        buf = torch.empty(end - begin, dtype=torch.uint8)
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
-        view = memoryview(buf.numpy())
-        done = 0
-        while done < len(view):
-            got = os.preadv(self._fd, [view[done:]], self._data_start + begin + done)
-            if got == 0:
-                raise self._fail(f"truncated while reading tensor {name}")
-            done += got
+        buf = read_range(self._fd, self._data_start + begin, end - begin)
+        if buf is None:
+            raise self._fail(f"truncated while reading tensor {name}")
         return buf.view(dtype).reshape(shape)
 
     def close(self) -> None:

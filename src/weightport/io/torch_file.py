@@ -1,9 +1,10 @@
 """PyTorch zip checkpoints (.pth / .bin): read lazily and safely, written as a stream.
 
 Reading always uses `weights_only=True`, so a pickle that would run code is refused, and
-`mmap=True`, so only the tensors asked for are ever read. Pages of the mapping are handed back
-to the kernel after each tensor is copied out, which keeps the resident set at one tensor even
-for a file larger than memory.
+`mmap=True`, so opening reads nothing but the pickle. Tensor data is then read with `pread`
+at each record's offset in the zip (torch stores records uncompressed), so no mapped pages
+accumulate in the resident set; where offsets cannot be matched to storages, the tensor is
+copied out of the mapping in chunks whose pages are handed back to the kernel as it goes.
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ from __future__ import annotations
 import collections
 import ctypes
 import mmap
+import os
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 
 import torch
 
 from ..errors import WeightportError
+from .pread import read_range
 
 _PAGE = mmap.PAGESIZE
 _MADV_DONTNEED = 4
@@ -32,6 +36,7 @@ except (OSError, AttributeError):  # not Linux: pages are simply left to the ker
 WRAPPER_KEYS = ("model", "state_dict", "module")
 # torch.compile leaves this in every key of a compiled module's state dict
 _COMPILE_PREFIX = "_orig_mod."
+_CHUNK = 64 * 2**20
 
 
 def _drop_pages(t: torch.Tensor) -> None:
@@ -83,15 +88,48 @@ class TorchFile:
             raise WeightportError(f"{self.path}: cannot read torch checkpoint ({str(e).splitlines()[0]})") from None
         self._tensors = _flatten_state(obj, self.path)
         self.entries = {k: (tuple(v.shape), v.dtype) for k, v in self._tensors.items()}
+        self._base = self._mapping_base()
+        self._fd: int | None = None
+
+    def _mapping_base(self) -> int | None:
+        """Address of file offset 0 in torch's mapping, if every storage matches a data record.
+
+        torch maps the whole file and each storage starts at its record's data offset, so
+        sorted storages and sorted records pair up with one constant difference. Any doubt
+        (unused records, odd layouts) returns None and loading falls back to the mapping.
+        """
+        storages = {}
+        for t in self._tensors.values():
+            s = t.untyped_storage()
+            if s.nbytes():
+                storages[s.data_ptr()] = s.nbytes()
+        try:
+            records = sorted(_data_records(self.path))
+        except (OSError, zipfile.BadZipFile, struct.error):
+            return None
+        ptrs = sorted(storages.items())
+        if len(ptrs) != len(records) or not ptrs:
+            return None
+        base = ptrs[0][0] - records[0][0]
+        for (ptr, size), (offset, rsize) in zip(ptrs, records):
+            if size != rsize or ptr - base != offset:
+                return None
+        return base
 
     def load(self, name: str) -> torch.Tensor:
         t = self._tensors[name]
+        if self._base is not None and t.is_contiguous() and t.numel():
+            offset = t.untyped_storage().data_ptr() - self._base + t.storage_offset() * t.element_size()
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            buf = read_range(self._fd, offset, t.numel() * t.element_size())
+            if buf is None:
+                raise WeightportError(f"{self.path}: truncated while reading tensor {name}")
+            return buf.view(t.dtype).reshape(t.shape)
         try:
-            out = t.clone(memory_format=torch.contiguous_format)
+            return _copy_out(t)
         except RuntimeError as e:  # a record shorter than its tensor: the file was cut
             raise WeightportError(f"{self.path}: cannot read tensor {name} ({str(e).splitlines()[0]})") from None
-        _drop_pages(t)
-        return out
 
     def shares_storage(self, a: str, b: str) -> bool:
         """True when two names were saved as one storage (how torch.save keeps tied weights)."""
@@ -102,6 +140,41 @@ class TorchFile:
 
     def close(self) -> None:
         self._tensors = {}
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _data_records(path: Path) -> list[tuple[int, int]]:
+    """(data offset, size) of every tensor-data record ("<archive>/data/<key>") in a torch zip."""
+    out = []
+    with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+        for info in z.infolist():
+            parts = info.filename.split("/")
+            if len(parts) != 3 or parts[1] != "data" or info.compress_type != zipfile.ZIP_STORED:
+                continue
+            if not info.file_size:
+                continue
+            f.seek(info.header_offset)
+            local = f.read(30)
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            out.append((info.header_offset + 30 + name_len + extra_len, info.file_size))
+    return out
+
+
+def _copy_out(t: torch.Tensor) -> torch.Tensor:
+    """Copy a mapped tensor out in chunks, releasing each chunk's pages after the copy."""
+    if not t.is_contiguous():
+        out = t.clone(memory_format=torch.contiguous_format)
+        _drop_pages(t)
+        return out
+    src = t.reshape(-1)
+    out = torch.empty_like(src)
+    step = max(1, _CHUNK // max(1, t.element_size()))
+    for i in range(0, src.numel(), step):
+        out[i:i + step].copy_(src[i:i + step])
+        _drop_pages(src[i:i + step])
+    return out.reshape(t.shape)
 
 
 class _StorageRef:
