@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from . import __version__, api, formats
-from .dtypes import CLI_DTYPES
-from .errors import WeightportError
+# Large tensors come and go one group at a time; backing them with transparent huge pages
+# makes each fresh allocation far cheaper to fault in. torch reads this once, at import.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+from . import __version__, api, formats  # noqa: E402
+from .dtypes import CLI_DTYPES  # noqa: E402
+from .errors import WeightportError  # noqa: E402
 
 EPILOG = """examples:
   weightport inspect ./Llama-3.2-1B --tensors
