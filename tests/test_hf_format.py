@@ -126,3 +126,23 @@ def test_bf16_source_keeps_bf16_bit_exact_through_litgpt(tmp_path):
     weightport.convert(lit, back, "hf")
     a, b = load_file(src / "model.safetensors"), _tensors(back)
     assert all(a[n].dtype == torch.bfloat16 and torch.equal(a[n], b[n]) for n in a)
+
+
+def test_renamed_tensors_stream_in_pieces(source, tmp_path, monkeypatch):
+    """Tiny pieces force the piecewise path (used for > 64 MB tensors) on every renamed tensor."""
+    import weightport.execute as execute
+
+    monkeypatch.setattr(execute, "CHUNK_BYTES", 1000)
+    streamed = []
+    real = execute._stream_rename
+    monkeypatch.setattr(execute, "_stream_rename", lambda step, *a: real(step, *a) and not streamed.append(step))
+    lit, back, half = tmp_path / "lit", tmp_path / "back", tmp_path / "half"
+    weightport.convert(source, lit, "litgpt")
+    weightport.convert(lit, back, "hf")
+    # LitGPT -> HF: embedding, lm_head, o_proj and the three MLP matrices of 2 layers (q/k/v are split)
+    assert len(streamed) == 10
+    a, b = load_file(source / "model.safetensors"), _tensors(back)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in a)
+    weightport.convert(lit, half, "hf", dtype="bfloat16")
+    c = _tensors(half)
+    assert all(c[n].dtype == torch.bfloat16 and torch.equal(a[n].to(torch.bfloat16), c[n]) for n in a)

@@ -12,12 +12,17 @@ import torch
 from tqdm import tqdm
 
 from .errors import WeightportError
-from .ops import TiedWeightsDiffer
+from .ops import Identity, TiedWeightsDiffer
 from .plan import Plan, check_float16
 
 
 def temp_sibling(out_dir: Path) -> Path:
     return out_dir.parent / f".{out_dir.name}.weightport-partial-{os.getpid()}"
+
+
+# a tensor that only changes name (and maybe dtype) is copied in pieces of this size, so
+# even a 1 GB embedding never sits whole in memory when reader and writer allow it
+CHUNK_BYTES = 64 * 2**20
 
 
 def execute(plan: Plan, *, force: bool = False, allow_overflow: bool = False, progress: bool = True) -> list[str]:
@@ -88,6 +93,9 @@ def _stream(plan: Plan, writer, allow_overflow: bool, progress: bool) -> None:
                disable=not progress, leave=False, dynamic_ncols=True)
     try:
         for step in plan.write_steps:
+            if _stream_rename(step, producer, uses, source, writer, planned, allow_overflow):
+                bar.update(planned[step.outputs[0]].nbytes)
+                continue
             outs = step.run([hub(h) for h in step.inputs])
             cast = []
             for name, t in zip(step.outputs, outs):
@@ -106,6 +114,33 @@ def _stream(plan: Plan, writer, allow_overflow: bool, progress: bool) -> None:
             del outs, cast, t
     finally:
         bar.close()
+
+
+def _stream_rename(step, producer, uses, source, writer, planned, allow_overflow) -> bool:
+    """Copy a renamed-only tensor piece by piece; False when this step needs the whole tensor."""
+    if not (isinstance(step.op, Identity) and len(step.inputs) == 1 and hasattr(writer, "write_chunks")):
+        return False
+    src = producer[step.inputs[0]]
+    if not (isinstance(src.op, Identity) and len(src.inputs) == 1) or uses[step.inputs[0]] != 1:
+        return False
+    out = planned[step.outputs[0]]
+    if out.nbytes <= CHUNK_BYTES:
+        return False
+    chunks = source.iter_chunks(src.inputs[0], CHUNK_BYTES)
+    if chunks is None:
+        return False
+
+    def cast(pieces):
+        for piece in pieces:
+            if piece.dtype != out.dtype:
+                if out.dtype == torch.float16 and not allow_overflow:
+                    check_float16(out.name, piece)
+                piece = piece.to(out.dtype)
+            yield piece
+
+    writer.write_chunks(out.name, out.shape, out.dtype, cast(chunks))
+    uses[step.inputs[0]] -= 1
+    return True
 
 
 def _remove(path: Path) -> None:

@@ -145,6 +145,13 @@ class ShardedSafetensorsWriter(Writer):
             self._current.write(name, tensor)
             self._written[name] = self.files[i].name
 
+    def write_chunks(self, name, shape, dtype, chunks):
+        i = self._shard_of[name]
+        if i != self._current_index:
+            self._open(i)
+        self._current.write_stream(name, shape, dtype, chunks)
+        self._written[name] = self.files[i].name
+
     def close(self):
         if self._current is not None:
             self._current.close()

@@ -84,10 +84,26 @@ class SafetensorsFile:
             raise self._fail(f"truncated while reading tensor {name}")
         return buf.view(dtype).reshape(shape)
 
+    def iter_chunks(self, name: str, chunk_bytes: int):
+        """The tensor's elements, flat, in pieces of about chunk_bytes."""
+        _, dtype, begin, end = self.entries[name]
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return _chunks(self._fd, self._data_start + begin, end - begin, dtype, chunk_bytes, self._fail, name)
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _chunks(fd, offset, nbytes, dtype, chunk_bytes, fail, name):
+    step = max(itemsize(dtype), chunk_bytes - chunk_bytes % itemsize(dtype))
+    for start in range(0, nbytes, step):
+        buf = read_range(fd, offset + start, min(step, nbytes - start))
+        if buf is None:
+            raise fail(f"truncated while reading tensor {name}")
+        yield buf.view(dtype)
 
 
 def _begin(entry) -> int:
@@ -130,6 +146,25 @@ class SafetensorsStreamWriter:
                 f"planned {want_name} {list(want_shape)} {want_dtype}")
         data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
         self._f.write(memoryview(data))
+        self._next += 1
+
+    def write_stream(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, chunks) -> None:
+        """Write one tensor from flat pieces, so it is never whole in memory."""
+        want_name, want_shape, want_dtype = self._expected[self._next]
+        if name != want_name or tuple(shape) != want_shape or dtype != want_dtype:
+            raise WeightportError(f"{self.path}: internal plan mismatch at tensor {name}, planned {want_name}")
+        n = itemsize(dtype)
+        for d in shape:
+            n *= d
+        written = 0
+        for piece in chunks:
+            if piece.dtype != dtype:
+                raise WeightportError(f"{self.path}: internal dtype mismatch streaming tensor {name}")
+            data = piece.contiguous().view(torch.uint8).numpy()
+            self._f.write(memoryview(data))
+            written += data.nbytes
+        if written != n:
+            raise WeightportError(f"{self.path}: tensor {name} streamed {written} bytes, planned {n}")
         self._next += 1
 
     def close(self) -> None:

@@ -52,6 +52,11 @@ class TensorSource:
     def load(self, name: str) -> torch.Tensor:
         return self._owner[name].load(name)
 
+    def iter_chunks(self, name: str, chunk_bytes: int):
+        """Flat pieces of one tensor, or None if its file cannot be read piecewise."""
+        f = self._owner[name]
+        return f.iter_chunks(name, chunk_bytes) if hasattr(f, "iter_chunks") else None
+
     def shares_storage(self, a: str, b: str) -> bool:
         f = self._owner.get(a)
         return f is self._owner.get(b) and hasattr(f, "shares_storage") and f.shares_storage(a, b)

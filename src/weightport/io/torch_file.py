@@ -131,6 +131,22 @@ class TorchFile:
         except RuntimeError as e:  # a record shorter than its tensor: the file was cut
             raise WeightportError(f"{self.path}: cannot read tensor {name} ({str(e).splitlines()[0]})") from None
 
+    def iter_chunks(self, name: str, chunk_bytes: int):
+        """The tensor's elements, flat, in pieces; None when its file offset is unknown."""
+        from .safetensors_file import _chunks
+
+        t = self._tensors[name]
+        if self._base is None or not t.is_contiguous() or not t.numel():
+            return None
+        offset = t.untyped_storage().data_ptr() - self._base + t.storage_offset() * t.element_size()
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+
+        def fail(why):
+            return WeightportError(f"{self.path}: {why}")
+
+        return _chunks(self._fd, offset, t.numel() * t.element_size(), t.dtype, chunk_bytes, fail, name)
+
     def shares_storage(self, a: str, b: str) -> bool:
         """True when two names were saved as one storage (how torch.save keeps tied weights)."""
         ta, tb = self._tensors.get(a), self._tensors.get(b)
