@@ -109,7 +109,7 @@ def _stream(plan: Plan, writer, allow_overflow: bool, progress: bool) -> None:
             if len(cast) == 2 and outs[0] is outs[1]:
                 cast[1] = cast[0]
             writer.write_group(list(step.outputs), cast)
-            bar.update(sum(planned[n].nbytes for n in dict.fromkeys(step.outputs)))
+            bar.update(sum(planned[n].nbytes for n in step.outputs if not planned[n].alias))
             # drop this group before reading the next: peak memory is one group, not two
             del outs, cast, t
     finally:

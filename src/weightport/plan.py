@@ -17,7 +17,7 @@ import torch
 from .dtypes import FLOAT16_MAX, short_name
 from .errors import WeightportError
 from .formats.base import Checkpoint, Format, OutputFile, OutputTensor, WriteOptions
-from .ops import Identity, Op
+from .ops import Identity, Op, Tie
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,8 @@ class Plan:
                 lines.append(f"  {st.describe()}")
             lines.append("tensors:")
             for t in self.outputs:
-                lines.append(f"  {t.name}  {list(t.shape)}  {short_name(t.dtype)}")
+                tied = "  (tied: stored once with the tensor above)" if t.alias else ""
+                lines.append(f"  {t.name}  {list(t.shape)}  {short_name(t.dtype)}{tied}")
         return "\n".join(lines)
 
 
@@ -170,10 +171,10 @@ def build_plan(source: Checkpoint, target: Format, out_dir: Path, dtype: torch.d
     outputs, write_steps = [], []
     for rule in write_rules:
         shapes = rule.op.forward_shapes([tuple(expected[h]) for h in rule.hub])
-        for name, shape in zip(rule.fmt, shapes):
+        for i, (name, shape) in enumerate(zip(rule.fmt, shapes)):
             src_dtype = hub_dtype[rule.hub[0]]
             out_dtype = dtype if (dtype is not None and src_dtype.is_floating_point) else src_dtype
-            outputs.append(OutputTensor(name, tuple(shape), out_dtype))
+            outputs.append(OutputTensor(name, tuple(shape), out_dtype, alias=isinstance(rule.op, Tie) and i > 0))
         write_steps.append(Step(rule.hub, rule.fmt, rule.op, backward=False))
     return Plan(source, target, out_dir, read_steps, write_steps, target.layout(outputs, options), dtype, dropped)
 

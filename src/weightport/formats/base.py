@@ -42,6 +42,8 @@ class OutputTensor:
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
+    # a second name for the tensor before it (tied weights): stored once, so no bytes of its own
+    alias: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -58,7 +60,7 @@ class OutputFile:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
+        return sum(t.nbytes for t in self.tensors if not t.alias)
 
 
 @dataclass
