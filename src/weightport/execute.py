@@ -117,8 +117,9 @@ def _stream(plan: Plan, writer, allow_overflow: bool, progress: bool) -> None:
 
 
 def _stream_rename(step, producer, uses, source, writer, planned, allow_overflow) -> bool:
-    """Copy a renamed-only tensor piece by piece; False when this step needs the whole tensor."""
-    if not (isinstance(step.op, Identity) and len(step.inputs) == 1 and hasattr(writer, "write_chunks")):
+    """Move a renamed-only tensor without holding a copy of it: in pieces when the writer takes
+    pieces, else straight from the source file's pages. False when this step needs the tensor."""
+    if not (isinstance(step.op, Identity) and len(step.inputs) == 1):
         return False
     src = producer[step.inputs[0]]
     if not (isinstance(src.op, Identity) and len(src.inputs) == 1) or uses[step.inputs[0]] != 1:
@@ -126,19 +127,30 @@ def _stream_rename(step, producer, uses, source, writer, planned, allow_overflow
     out = planned[step.outputs[0]]
     if out.nbytes <= CHUNK_BYTES:
         return False
-    chunks = source.iter_chunks(src.inputs[0], CHUNK_BYTES)
-    if chunks is None:
-        return False
+    name = src.inputs[0]
+    if hasattr(writer, "write_chunks"):
+        chunks = source.iter_chunks(name, CHUNK_BYTES)
+        if chunks is None:
+            return False
 
-    def cast(pieces):
-        for piece in pieces:
-            if piece.dtype != out.dtype:
-                if out.dtype == torch.float16 and not allow_overflow:
-                    check_float16(out.name, piece)
-                piece = piece.to(out.dtype)
-            yield piece
+        def cast(pieces):
+            for piece in pieces:
+                if piece.dtype != out.dtype:
+                    if out.dtype == torch.float16 and not allow_overflow:
+                        check_float16(out.name, piece)
+                    piece = piece.to(out.dtype)
+                yield piece
 
-    writer.write_chunks(out.name, out.shape, out.dtype, cast(chunks))
+        writer.write_chunks(out.name, out.shape, out.dtype, cast(chunks))
+    else:
+        if source.tensors[name].dtype != out.dtype:
+            return False
+        view = source.mapped(name)
+        if view is None:
+            return False
+        writer.write_group([out.name], [view])
+        del view
+        source.release(name)
     uses[step.inputs[0]] -= 1
     return True
 

@@ -52,6 +52,16 @@ class TensorSource:
     def load(self, name: str) -> torch.Tensor:
         return self._owner[name].load(name)
 
+    def mapped(self, name: str) -> torch.Tensor | None:
+        """A view of the tensor's bytes in its file, or None if its file cannot map them."""
+        f = self._owner[name]
+        return f.mapped(name) if hasattr(f, "mapped") else None
+
+    def release(self, name: str) -> None:
+        f = self._owner[name]
+        if hasattr(f, "release"):
+            f.release(name)
+
     def iter_chunks(self, name: str, chunk_bytes: int):
         """Flat pieces of one tensor, or None if its file cannot be read piecewise."""
         f = self._owner[name]
