@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from weightport.archs import model_from_hf_config
 from weightport.formats import FORMATS
 from weightport.formats.litgpt import litgpt_rules
+from weightport.plan import Step
 from weightport.ops import (Cast, Chain, Concat, GroupInterleave, Identity, PadRows, RotaryPermute, Split, Stack,
                             Tie, TiedWeightsDiffer, Transpose)
 
@@ -43,20 +44,21 @@ def _random_hub(model, dtype):
     return {n: torch.randn(s, generator=g).to(dtype) for n, s in model.hub_tensors().items()}
 
 
-def _forward(rules, hub):
+def _apply(rules, tensors, backward):
+    """Run rules the way the executor does: forward hub -> format, backward format -> hub."""
     out = {}
     for r in rules:
-        for n, t in zip(r.fmt, r.op.forward([hub[h] for h in r.hub])):
-            out[n] = t
+        step = Step(r.fmt, r.hub, r.op, backward=True) if backward else Step(r.hub, r.fmt, r.op, backward=False)
+        out.update(zip(step.outputs, step.run([tensors[n] for n in step.inputs])))
     return out
+
+
+def _forward(rules, hub):
+    return _apply(rules, hub, backward=False)
 
 
 def _backward(rules, stored):
-    out = {}
-    for r in rules:
-        for n, t in zip(r.hub, r.op.inverse([stored[f] for f in r.fmt])):
-            out[n] = t
-    return out
+    return _apply(rules, stored, backward=True)
 
 
 def _assert_identical(a, b):

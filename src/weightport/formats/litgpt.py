@@ -115,7 +115,7 @@ class LitGPTFormat(Format):
         try:
             names = source.tensors
             legacy = any(n.endswith(".attn.attn.weight") for n in names)
-            tied = _stored_tied(source, lit)
+            tied = _stored_tied(source)
             generation_path = config_path.parent / "generation_config.json"
             generation = load_json(generation_path) if generation_path.is_file() else None
             try:
@@ -168,7 +168,7 @@ class LitGPTFormat(Format):
         return written + copy_side_files(source.side_files, directory)
 
 
-def _stored_tied(source, lit: dict) -> bool:
+def _stored_tied(source) -> bool:
     """Whether lm_head is the embedding: absent, or saved as the same storage."""
     if "lm_head.weight" not in source.tensors:
         return True

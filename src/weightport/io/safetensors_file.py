@@ -17,25 +17,21 @@ import torch
 
 from ..dtypes import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS, itemsize
 from ..errors import WeightportError
-from .pread import read_range
+from .pread import RangeFile
 
 # a header larger than this is not a checkpoint header but a corrupt length field
 _MAX_HEADER = 100 * 2**20
 
 
-class SafetensorsFile:
+class SafetensorsFile(RangeFile):
     """An open .safetensors file: names, shapes and dtypes from the header; data on demand."""
 
     def __init__(self, path: Path):
-        self.path = Path(path)
+        super().__init__(path)
         self.entries: dict[str, tuple[tuple[int, ...], torch.dtype, int, int]] = {}
         self.metadata: dict[str, str] = {}
-        self._fd: int | None = None
         self._map: mmap.mmap | None = None
         self._read_header()
-
-    def _fail(self, why: str) -> WeightportError:
-        return WeightportError(f"{self.path}: {why}")
 
     def _read_header(self) -> None:
         try:
@@ -76,16 +72,12 @@ class SafetensorsFile:
                 raise self._fail(f"truncated: tensor {name} ends at byte {end} of the data but the file holds {data_size}")
             self.entries[name] = (shape, dtype, begin, end)
 
+    def locate(self, name: str):
+        shape, dtype, begin, _ = self.entries[name]
+        return self._data_start + begin, shape, dtype
+
     def load(self, name: str) -> torch.Tensor:
-        shape, dtype, begin, end = self.entries[name]
-        if end == begin:
-            return torch.empty(shape, dtype=dtype)
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        buf = read_range(self._fd, self._data_start + begin, end - begin)
-        if buf is None:
-            raise self._fail(f"truncated while reading tensor {name}")
-        return buf.view(dtype).reshape(shape)
+        return self.read(name)
 
     def mapped(self, name: str) -> torch.Tensor:
         """The tensor as a view of the file's pages, for a writer that copies it straight out.
@@ -107,32 +99,14 @@ class SafetensorsFile:
             lo -= lo % mmap.PAGESIZE
             self._map.madvise(mmap.MADV_DONTNEED, lo, self._data_start + end - lo)
 
-    def iter_chunks(self, name: str, chunk_bytes: int):
-        """The tensor's elements, flat, in pieces of about chunk_bytes."""
-        _, dtype, begin, end = self.entries[name]
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        return _chunks(self._fd, self._data_start + begin, end - begin, dtype, chunk_bytes, self._fail, name)
-
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        super().close()
         if self._map is not None:
             try:
                 self._map.close()
             except BufferError:  # a mapped view is still alive; the mapping goes with it
                 pass
             self._map = None
-
-
-def _chunks(fd, offset, nbytes, dtype, chunk_bytes, fail, name):
-    step = max(itemsize(dtype), chunk_bytes - chunk_bytes % itemsize(dtype))
-    for start in range(0, nbytes, step):
-        buf = read_range(fd, offset + start, min(step, nbytes - start))
-        if buf is None:
-            raise fail(f"truncated while reading tensor {name}")
-        yield buf.view(dtype)
 
 
 def _begin(entry) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import ctypes
 import mmap
-import os
 import pickle
 import struct
 import zipfile
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import WeightportError
-from .pread import read_range
+from .pread import RangeFile
 
 _PAGE = mmap.PAGESIZE
 _MADV_DONTNEED = 4
@@ -68,11 +67,11 @@ def _flatten_state(obj: object, path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-class TorchFile:
+class TorchFile(RangeFile):
     """A torch.save'd state dict, opened without reading its tensor data."""
 
     def __init__(self, path: Path):
-        self.path = Path(path)
+        super().__init__(path)
         if not zipfile.is_zipfile(self.path):
             raise WeightportError(
                 f"{self.path}: not a zip-format torch checkpoint (legacy or truncated file); "
@@ -89,7 +88,6 @@ class TorchFile:
         self._tensors = _flatten_state(obj, self.path)
         self.entries = {k: (tuple(v.shape), v.dtype) for k, v in self._tensors.items()}
         self._base = self._mapping_base()
-        self._fd: int | None = None
 
     def _mapping_base(self) -> int | None:
         """Address of file offset 0 in torch's mapping, if every storage matches a data record.
@@ -116,36 +114,20 @@ class TorchFile:
                 return None
         return base
 
-    def load(self, name: str) -> torch.Tensor:
-        t = self._tensors[name]
-        if self._base is not None and t.is_contiguous() and t.numel():
-            offset = t.untyped_storage().data_ptr() - self._base + t.storage_offset() * t.element_size()
-            if self._fd is None:
-                self._fd = os.open(self.path, os.O_RDONLY)
-            buf = read_range(self._fd, offset, t.numel() * t.element_size())
-            if buf is None:
-                raise WeightportError(f"{self.path}: truncated while reading tensor {name}")
-            return buf.view(t.dtype).reshape(t.shape)
-        try:
-            return _copy_out(t)
-        except RuntimeError as e:  # a record shorter than its tensor: the file was cut
-            raise WeightportError(f"{self.path}: cannot read tensor {name} ({str(e).splitlines()[0]})") from None
-
-    def iter_chunks(self, name: str, chunk_bytes: int):
-        """The tensor's elements, flat, in pieces; None when its file offset is unknown."""
-        from .safetensors_file import _chunks
-
+    def locate(self, name: str):
         t = self._tensors[name]
         if self._base is None or not t.is_contiguous() or not t.numel():
             return None
         offset = t.untyped_storage().data_ptr() - self._base + t.storage_offset() * t.element_size()
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
+        return offset, tuple(t.shape), t.dtype
 
-        def fail(why):
-            return WeightportError(f"{self.path}: {why}")
-
-        return _chunks(self._fd, offset, t.numel() * t.element_size(), t.dtype, chunk_bytes, fail, name)
+    def load(self, name: str) -> torch.Tensor:
+        if self.locate(name) is not None:
+            return self.read(name)
+        try:
+            return _copy_out(self._tensors[name])
+        except RuntimeError as e:  # a record shorter than its tensor: the file was cut
+            raise self._fail(f"cannot read tensor {name} ({str(e).splitlines()[0]})") from None
 
     def shares_storage(self, a: str, b: str) -> bool:
         """True when two names were saved as one storage (how torch.save keeps tied weights)."""
@@ -156,9 +138,7 @@ class TorchFile:
 
     def close(self) -> None:
         self._tensors = {}
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        super().close()
 
 
 def _data_records(path: Path) -> list[tuple[int, int]]:
