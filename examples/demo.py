@@ -1,5 +1,6 @@
 """Build a small random Llama with transformers, convert it HF -> LitGPT -> HF with the
-weightport CLI, and check the round trip: tensors bit-identical, logits equal."""
+weightport CLI, verify the LitGPT copy with `weightport verify`, and check the round trip:
+tensors bit-identical, logits equal."""
 
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ def main() -> int:
     weightport("inspect", str(hf))
     print()
     weightport("convert", str(hf), str(lit), "--to", "litgpt", "--force")
+    print()
+    weightport("verify", str(hf), str(lit), "--samples", "8")
     print()
     weightport("convert", str(lit), str(back), "--to", "hf", "--force")
     print()

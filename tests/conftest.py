@@ -107,11 +107,15 @@ def litgpt_peer():
 
 
 def litgpt_logits(peer, ckpt: Path, tmp: Path, tokens=TOKENS) -> torch.Tensor:
-    tok = tmp / "tokens.json"
-    tok.write_text(json.dumps(tokens))
-    out = tmp / "lit_logits.pt"
-    peer("logits", ckpt, tok, out)
-    return torch.load(out, weights_only=True)
+    """LitGPT's logits for `tokens`, through the runner `weightport verify --runtime litgpt` uses."""
+    import numpy as np
+
+    from weightport.verify.inputs import Inputs
+    from weightport.verify.runtimes import run_litgpt
+
+    out = tmp / "lit_logits"
+    run_litgpt(ckpt, Inputs(tokens, [], "test tokens"), out, litgpt_python())
+    return torch.stack([torch.from_numpy(np.load(out / f"{i}.npy")) for i in range(len(tokens))])
 
 
 def tree_digest(path: Path) -> dict[str, str]:
@@ -125,3 +129,22 @@ def tree_digest(path: Path) -> dict[str, str]:
 
 def run_cli(*args: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "weightport", *map(str, args)], capture_output=True, text=True, **kw)
+
+
+def build_tokenizer(path: Path) -> Path:
+    """A small BPE tokenizer trained on the built-in captions, saved as transformers saves one;
+    its base vocabulary fits the tiny models' 128 rows, and one added token is never scored."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from weightport.captions import load_captions
+    from weightport.verify.inputs import PROMPT
+
+    texts = [PROMPT] + [s.caption for s in load_captions()]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.add_tokens(["<image>"])
+    fast.save_pretrained(path)
+    return path

@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from dataclasses import asdict
+from pathlib import Path
 
 # Large tensors come and go one group at a time; backing them with transparent huge pages
 # makes each fresh allocation far cheaper to fault in. torch reads this once, at import.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from . import __version__, api, formats  # noqa: E402
+from . import __version__, api, formats, verify  # noqa: E402
 from .dtypes import CLI_DTYPES  # noqa: E402
 from .errors import WeightportError  # noqa: E402
+from .verify import DEFAULT_SAMPLES  # noqa: E402
 
 EPILOG = """examples:
   weightport inspect ./Llama-3.2-1B --tensors
   weightport convert ./Llama-3.2-1B ./llama-lit --to litgpt
   weightport convert ./llama-lit ./llama-hf --to hf --dtype bfloat16 --max-shard-size 2GB
   weightport convert ./llama-lit ./llama-hf --to hf --dry-run
+  weightport convert ./Llama-3.2-1B ./llama-lit --to litgpt --verify
+  weightport verify ./Llama-3.2-1B ./llama-lit --report report.json
+  weightport verify ./Llama-3.2-1B ./llama-lit --runtime litgpt --runtime-python .venv-litgpt/bin/python
+  weightport eval-captions ./llama-lit --data ./shards/ --samples 100
 """
 
 
@@ -50,7 +58,48 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="replace OUT if it exists (only once the new one is complete)")
     c.add_argument("--allow-overflow", action="store_true",
                    help="with --dtype float16, cast even tensors with values beyond ±65504 (they become inf)")
+    c.add_argument("--verify", action="store_true",
+                   help="after writing, compare OUT with SRC as `weightport verify` does (tensors, then the "
+                        "function when transformers is installed); exit 1 if they are not equivalent")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+
+    v = sub.add_parser("verify", help="prove B computes what A computes: config, every tensor, then logits",
+                       description="Compare checkpoint B (typically a conversion of A) with A, in any supported "
+                                   "formats. Config: the settings that change the forward pass. Tensors: both are "
+                                   "mapped to Hugging Face names and layouts and every tensor is compared, bit for "
+                                   "bit after casting A to B's dtype; differences are reported with max abs diff, "
+                                   "relative error and ulps. Function (needs transformers): both models run on the "
+                                   "same captions (or random tokens when there is no tokenizer) and their logits, "
+                                   "top-1 predictions and caption loss are compared against a per-dtype tolerance. "
+                                   "Exit code 0 only when the verdict is 'equivalent'.")
+    v.add_argument("a", metavar="A", help="reference checkpoint (directory or file)")
+    v.add_argument("b", metavar="B", help="checkpoint to check against A")
+    v.add_argument("--from-a", dest="format_a", metavar="FORMAT", choices=list(formats.FORMATS),
+                   help="format of A, when detection should be overridden")
+    v.add_argument("--from-b", dest="format_b", metavar="FORMAT", choices=list(formats.FORMATS),
+                   help="format of B, when detection should be overridden")
+    _add_data_args(v, default_samples=DEFAULT_SAMPLES)
+    v.add_argument("--runtime", metavar="RUNTIME",
+                   help="run B in its own framework instead of transformers: litgpt (B must be a LitGPT "
+                        "checkpoint) or transformers. A always runs in transformers.")
+    v.add_argument("--runtime-python", metavar="PYTHON",
+                   help="Python interpreter that has the runtime's framework installed (e.g. a separate venv "
+                        "with litgpt); default: $WEIGHTPORT_LITGPT_PYTHON, else this Python")
+    v.add_argument("--tensors-only", action="store_true", help="compare config and tensors; do not run the models")
+    v.add_argument("--report", metavar="FILE", help="write the full report (every tensor) as JSON to FILE")
+    v.add_argument("--all", action="store_true", help="list every tensor in the table, not only those that differ")
+    v.add_argument("-q", "--quiet", action="store_true", help="print only the verdict line")
+
+    e = sub.add_parser("eval-captions", help="loss and top-1 accuracy on caption tokens, for any format",
+                       description="Run MODEL (in transformers, converted to Hugging Face layout in a temporary "
+                                   "directory if needed) on 'This image shows: <caption>' for each caption and "
+                                   "report the mean caption-token loss and top-1 accuracy. Only caption tokens "
+                                   "are scored, and only those below the tokenizer's base vocabulary.")
+    e.add_argument("model", metavar="MODEL", help="checkpoint directory or file")
+    e.add_argument("--from", dest="source_format", metavar="FORMAT", choices=list(formats.FORMATS),
+                   help="format of MODEL, when detection should be overridden")
+    _add_data_args(e, default_samples=100)
+    e.add_argument("--report", metavar="FILE", help="also write the result as JSON to FILE")
 
     i = sub.add_parser("inspect", help="describe a checkpoint from its headers",
                        description="Show the detected format, architecture, config summary, parameter count and "
@@ -65,6 +114,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_data_args(p: argparse.ArgumentParser, default_samples: int) -> None:
+    p.add_argument("--data", metavar="PATH",
+                   help="image-caption pairs: a WebDataset shard (*.tar with jpg/txt/json members), a directory "
+                        "of shards, a brace pattern like 'shards-{000000..000009}.tar', a folder of loose "
+                        "KEY.jpg/KEY.txt/KEY.json files, or a dataset saved with datasets.save_to_disk "
+                        "(default: the built-in caption set of 100 generated images)")
+    p.add_argument("--samples", type=int, default=default_samples, metavar="N",
+                   help=f"how many caption pairs (or random sequences) to run (default: {default_samples})")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="tokenizer directory, when the checkpoints carry no tokenizer files")
+
+
 def _convert(args) -> int:
     plan = api.convert(args.src, args.out, args.to, source_format=args.source_format, dtype=args.dtype,
                        max_shard_size=args.max_shard_size, force=args.force, allow_overflow=args.allow_overflow,
@@ -75,6 +136,33 @@ def _convert(args) -> int:
     elif not args.quiet:
         print(plan.render(verbose=False))
         print(f"wrote {args.out}")
+    if args.verify and not args.dry_run:
+        report = verify.verify(args.src, args.out, format_a=args.source_format, format_b=args.to,
+                               progress=not args.quiet and sys.stderr.isatty())
+        print(report.render() if not args.quiet else f"verdict:  {report.verdict}")
+        if not report.equivalent:
+            print(f"weightport: error: {args.out} was written but is not equivalent to {args.src}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _verify(args) -> int:
+    report = verify.verify(args.a, args.b, format_a=args.format_a, format_b=args.format_b, data=args.data,
+                           samples=args.samples, runtime=args.runtime, runtime_python=args.runtime_python,
+                           tokenizer=args.tokenizer, tensors_only=args.tensors_only,
+                           progress=not args.quiet and sys.stderr.isatty())
+    if args.report:
+        report.write_json(args.report)
+    print(report.render(all_tensors=args.all) if not args.quiet else f"verdict:  {report.verdict}")
+    return 0 if report.equivalent else 1
+
+
+def _eval_captions(args) -> int:
+    result = verify.eval_captions(args.model, source_format=args.source_format, data=args.data,
+                                  samples=args.samples, tokenizer=args.tokenizer)
+    if args.report:
+        Path(args.report).write_text(json.dumps(asdict(result), indent=2) + "\n")
+    print(result.render())
     return 0
 
 
@@ -95,7 +183,9 @@ def _formats(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"convert": _convert, "inspect": _inspect, "formats": _formats}[args.command](args)
+        commands = {"convert": _convert, "inspect": _inspect, "formats": _formats, "verify": _verify,
+                    "eval-captions": _eval_captions}
+        return commands[args.command](args)
     except WeightportError as e:
         print(f"weightport: error: {e}", file=sys.stderr)
         return 1

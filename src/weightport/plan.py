@@ -114,6 +114,14 @@ def _fail(problems: list[str]) -> None:
         raise WeightportError(problems[0] + more)
 
 
+def unclaimed_tensors(source: Checkpoint) -> list[tuple[str, bool]]:
+    """Stored tensors no rule reads, each with whether the architecture drops it on purpose."""
+    claimed = {n for r in source.rules for n in r.fmt}
+    droppable = [_template_regex(t) for t in source.model.arch.droppable]
+    return [(name, any(p.match(name) for p in droppable))
+            for name in source.source.tensors if name not in claimed]
+
+
 def build_plan(source: Checkpoint, target: Format, out_dir: Path, dtype: torch.dtype | None,
                options: WriteOptions) -> Plan:
     metas = source.source.tensors
@@ -122,13 +130,10 @@ def build_plan(source: Checkpoint, target: Format, out_dir: Path, dtype: torch.d
     problems: list[str] = []
 
     # 1. every source tensor is claimed by a rule, or droppable by design
-    claimed = {n for r in source.rules for n in r.fmt}
-    droppable = [_template_regex(t) for t in model.arch.droppable]
     dropped = []
-    for name, meta in metas.items():
-        if name in claimed:
-            continue
-        if any(p.match(name) for p in droppable):
+    for name, droppable in unclaimed_tensors(source):
+        meta = metas[name]
+        if droppable:
             dropped.append((name, "recomputed by the model"))
         else:
             problems.append(f"{meta.file}: tensor {name} is not part of a {model.arch.name} model "

@@ -1,19 +1,11 @@
 #!/usr/bin/env python
 """LitGPT reference peer for weightport tests.
 
-Run with the LitGPT virtualenv (imports only stdlib, torch, yaml, litgpt):
+Run with the LitGPT virtualenv (imports only stdlib, torch, yaml, litgpt). LitGPT's logits come
+from weightport's own runner, src/weightport/verify/litgpt_runner.py.
 
-    .venv-litgpt/bin/python tests/peers/litgpt_peer.py logits CKPT_DIR TOKENS_JSON OUT_PT
     .venv-litgpt/bin/python tests/peers/litgpt_peer.py convert-hf HF_DIR OUT_DIR MODEL_CONFIG_YAML
     .venv-litgpt/bin/python tests/peers/litgpt_peer.py convert-lit LIT_DIR OUT_DIR
-
-logits
-    Builds ``litgpt.GPT(Config.from_file(CKPT_DIR/model_config.yaml))`` in float32,
-    loads ``CKPT_DIR/lit_model.pth`` the way litgpt does (``torch.load(weights_only=True,
-    mmap=True)``, unwrap ``{"model": ...}``, ``load_state_dict(strict=True)``), runs it on the
-    token ids in TOKENS_JSON (JSON list of lists of ints, batch x seq) and ``torch.save``s the
-    float32 logits (batch, seq, padded_vocab_size) to OUT_PT. A failing strict load raises,
-    so the process exits non-zero with the traceback.
 
 convert-hf
     Runs litgpt's own ``litgpt.scripts.convert_hf_checkpoint.convert_hf_checkpoint`` on a HF
@@ -33,12 +25,10 @@ convert-lit
 """
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
-import torch
 import yaml
 
 
@@ -48,38 +38,6 @@ def _load_yaml(path: Path) -> dict:
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a mapping, got {type(d).__name__}")
     return d
-
-
-def cmd_logits(ckpt_dir: Path, tokens_json: Path, out_pt: Path) -> None:
-    from litgpt import GPT, Config
-
-    torch.manual_seed(0)
-    config = Config.from_file(ckpt_dir / "model_config.yaml")
-    with open(tokens_json, encoding="utf-8") as fp:
-        tokens = json.load(fp)
-    idx = torch.tensor(tokens, dtype=torch.long)
-    if idx.dim() != 2:
-        raise ValueError(f"TOKENS_JSON must be a list of lists (batch x seq), got shape {tuple(idx.shape)}")
-
-    prev_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    try:
-        model = GPT(config)
-    finally:
-        torch.set_default_dtype(prev_dtype)
-    model = model.to(torch.float32)
-
-    # as litgpt does (utils.load_checkpoint / merge_lora): mmap'd torch.load, unwrap "model", strict load
-    state_dict = torch.load(str(ckpt_dir / "lit_model.pth"), weights_only=True, mmap=True)
-    state_dict = state_dict.get("model", state_dict)
-    model.load_state_dict(state_dict, strict=True)
-    model.eval()
-
-    with torch.no_grad():
-        logits = model(idx)
-    out_pt.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(logits.to(torch.float32).contiguous(), str(out_pt))
-    print(f"logits {tuple(logits.shape)} -> {out_pt}")
 
 
 def _weight_files(hf_dir: Path) -> list:
@@ -145,10 +103,6 @@ def cmd_convert_lit(lit_dir: Path, out_dir: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("logits")
-    p.add_argument("ckpt_dir", type=Path)
-    p.add_argument("tokens_json", type=Path)
-    p.add_argument("out_pt", type=Path)
     p = sub.add_parser("convert-hf")
     p.add_argument("hf_dir", type=Path)
     p.add_argument("out_dir", type=Path)
@@ -158,9 +112,7 @@ def main(argv=None) -> int:
     p.add_argument("out_dir", type=Path)
     args = parser.parse_args(argv)
 
-    if args.cmd == "logits":
-        cmd_logits(args.ckpt_dir, args.tokens_json, args.out_pt)
-    elif args.cmd == "convert-hf":
+    if args.cmd == "convert-hf":
         cmd_convert_hf(args.hf_dir, args.out_dir, args.model_config_yaml)
     elif args.cmd == "convert-lit":
         cmd_convert_lit(args.lit_dir, args.out_dir)

@@ -1,0 +1,43 @@
+"""Config level: the settings that change what a model computes, compared after reading both
+configs the hub's way. Equal tensors with a lost rope_theta still make a different model."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from ..archs import Model
+from ..hf_config import partial_rotary_factor, rope_scaling, rope_theta
+
+# what the forward pass depends on, besides the sizes in Dims
+FUNCTION_KEYS = (
+    "model_type", "hidden_act", "hidden_activation", "rms_norm_eps", "attention_bias", "mlp_bias",
+    "sliding_window", "use_sliding_window", "max_window_layers", "num_experts_per_tok",
+    "final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar",
+)
+
+
+def _settings(model: Model) -> dict:
+    cfg = model.config
+    out = {f"dims.{k}": v for k, v in asdict(model.dims).items()}
+    out["rope_theta"] = rope_theta(cfg)
+    out["rope_scaling"] = rope_scaling(cfg)
+    out["partial_rotary_factor"] = partial_rotary_factor(cfg)
+    for key in FUNCTION_KEYS:
+        out[key] = cfg.get(key)
+    if not (cfg.get("use_sliding_window", True)) and model.arch.name == "qwen2":
+        out["sliding_window"] = None  # Qwen2 ignores the window unless it is switched on
+    return out
+
+
+def _same(x, y) -> bool:
+    # an absent flag and a false one mean the same to transformers
+    if x in (None, False) and y in (None, False):
+        return True
+    if isinstance(x, (int, float)) and isinstance(y, (int, float)) and not isinstance(x, bool):
+        return abs(x - y) <= 1e-9 * max(abs(x), abs(y), 1.0)
+    return x == y
+
+
+def compare_configs(a: Model, b: Model) -> list[dict]:
+    sa, sb = _settings(a), _settings(b)
+    return [{"key": k, "a": sa[k], "b": sb[k]} for k in sa if not _same(sa[k], sb[k])]
