@@ -18,8 +18,8 @@ One run of this script
                                                                   LitGPT ``convert_lit_checkpoint``
    ===================  ========================================  =========================================
 
-3. checks that the converted tensors are bit-identical to the source / to LitGPT's output
-   (``--no-verify`` skips it; it is not part of any timing), and
+3. checks with ``weightport verify --tensors-only`` (timed and measured too) that the converted
+   tensors are bit-identical to the source / to LitGPT's output (``--no-verify`` skips it), and
 4. writes a Markdown report (default ``docs/benchmarks.md``) with the targets marked met/missed.
 
 Usage (from the repository root)::
@@ -59,8 +59,8 @@ Why the design is the way it is
   output under test); every output is deleted as soon as it has been measured (and verified),
   and the script refuses to start (and re-checks before each step) when there is not room.
 
-Only the standard library is used here; the ``_generate``/``_verify`` sub-commands (run with the
-weightport venv's Python) use torch + safetensors, ``_litgpt_*`` run inside the LitGPT venv.
+Only the standard library is used here; the ``_generate`` sub-command (run with the
+weightport venv's Python) uses torch + safetensors; ``_litgpt_*`` run inside the LitGPT venv.
 """
 
 from __future__ import annotations
@@ -306,55 +306,6 @@ def _generate(scale: str, out_dir: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Sub-command _verify (torch venv): are the converted tensors bit-identical?
-# --------------------------------------------------------------------------------------------
-
-def _load_any(path: Path) -> dict:
-    """name -> tensor (lazy where possible) for a lit_model.pth / model.pth file or a HF dir."""
-    import torch
-    from safetensors import safe_open
-
-    if path.is_dir():
-        for cand in ("lit_model.pth", "model.pth"):
-            if (path / cand).is_file():
-                return _load_any(path / cand)
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no lit_model.pth, model.pth or *.safetensors in {path}")
-        out = {}
-        for f in files:
-            h = safe_open(str(f), framework="pt")  # lazy: get_tensor reads one tensor
-            for k in h.keys():
-                if k in out:
-                    raise ValueError(f"tensor {k} is in more than one shard of {path}")
-                out[k] = (h, k)
-        return out
-    sd = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
-    return sd.get("model", sd)
-
-
-def _verify(a: Path, b: Path) -> None:
-    """Compare every tensor of A and B (names, dtype, shape, bytes). Prints one JSON line."""
-    import torch
-
-    def get(v):
-        return v[0].get_tensor(v[1]) if isinstance(v, tuple) else v
-
-    da, db = _load_any(a), _load_any(b)
-    only_a, only_b = sorted(set(da) - set(db)), sorted(set(db) - set(da))
-    bad = []
-    for k in sorted(set(da) & set(db)):
-        ta, tb = get(da[k]), get(db[k])
-        if ta.dtype != tb.dtype or ta.shape != tb.shape or not torch.equal(ta, tb):
-            bad.append(f"{k}: {ta.dtype}{tuple(ta.shape)} vs {tb.dtype}{tuple(tb.shape)}")
-        del ta, tb
-    res = {"ok": not (only_a or only_b or bad), "compared": len(set(da) & set(db)),
-           "only_a": only_a[:5], "only_b": only_b[:5], "n_only_a": len(only_a),
-           "n_only_b": len(only_b), "mismatch": bad[:5], "n_mismatch": len(bad)}
-    print("VERIFY " + json.dumps(res), flush=True)
-
-
-# --------------------------------------------------------------------------------------------
 # Sub-commands _litgpt_* (LitGPT venv): LitGPT's own converters, unmodified
 # --------------------------------------------------------------------------------------------
 
@@ -484,7 +435,8 @@ class Runner:
         for cmd in prime:  # failures do not matter here; the measured run will show them
             subprocess.call(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         if self.cold:
-            evict(inputs)
+            for path in inputs if isinstance(inputs, list) else [inputs]:
+                evict(path)
         else:
             os.sync()
         log(f"{label}: {shlex.join(argv)}")
@@ -523,16 +475,22 @@ class Runner:
         return text
 
 
-def verify(runner: Runner, py: str, label: str, a: Path, b: Path) -> dict:
+def verify(runner: Runner, wp: list[str], prime: list[list[str]], label: str, a: Path, b: Path,
+           formats: tuple[str, str]) -> dict:
+    """`weightport verify A B --tensors-only`, measured like a conversion: every tensor through the
+    hub, bit for bit. Exit code 0 means equivalent; the JSON report says what differed."""
+    report = runner.workdir / "logs" / f"verify-{label}.json"
+    argv = wp + ["verify", str(a), str(b), "--from-a", formats[0], "--from-b", formats[1], "--tensors-only",
+                 "--report", str(report)]
+    m = runner.measure("verify " + label, argv, [a, b], prime, report)
     try:
-        text = runner.helper("verify-" + label, [py, str(THIS), "_verify", str(a), str(b)])
-        line = [l for l in text.splitlines() if l.startswith("VERIFY ")][-1]
-        res = json.loads(line[len("VERIFY "):])
-    except Exception as e:  # a verifier crash (e.g. unreadable output) is a failed check
-        res = {"ok": False, "error": str(e).splitlines()[0][:300]}
-    log(f"  verify {label}: {'OK' if res.get('ok') else 'MISMATCH/ERROR'} "
-        + json.dumps({k: v for k, v in res.items() if k != 'ok'})[:400])
-    return res
+        data = json.loads(report.read_text())
+        m.update(ok=m["rc"] == 0, counts=data["tensors"]["counts"],
+                 differing=[i for i in data["tensors"]["items"] if i["status"] not in ("exact", "cast")][:5])
+    except (OSError, ValueError, KeyError) as e:  # no report: the failure is in the log
+        m.update(ok=False, error=str(e).splitlines()[0][:300])
+    log(f"  verify {label}: {'equivalent' if m['ok'] else 'NOT EQUIVALENT/ERROR'} {m.get('counts', '')}")
+    return m
 
 
 # --------------------------------------------------------------------------------------------
@@ -675,8 +633,8 @@ def run_benchmark(args) -> None:
             if (lit_ref / "model_config.yaml").is_file():
                 shutil.copy(lit_ref / "model_config.yaml", saved_yaml)
             if args.verify and r["litgpt"]["rc"] == 0 and (lit_wp / "lit_model.pth").is_file():
-                results["verify"]["hf2lit weightport == litgpt"] = verify(
-                    runner, py, "hf2lit", lit_wp / "lit_model.pth", lit_ref / "lit_model.pth")
+                results["verify"]["weightport's LitGPT output vs LitGPT's"] = verify(
+                    runner, wp, prime_wp, "hf2lit", lit_ref, lit_wp, ("litgpt", "litgpt"))
 
         # The LitGPT checkpoint both tools convert back: weightport's output when there is one
         # (that round trip is the point of the tool), else LitGPT's own.
@@ -711,7 +669,8 @@ def run_benchmark(args) -> None:
                 r["weightport"] = runner.measure("lit2hf weightport",
                                                  wp + ["convert", str(lit_dir), str(hf_back), "--to", "hf"], lit_dir, prime_wp, hf_back)
                 if args.verify and r["weightport"]["rc"] == 0:
-                    results["verify"]["lit2hf weightport == source HF"] = verify(runner, py, "lit2hf-wp", hf_dir, hf_back)
+                    results["verify"]["weightport's HF output vs the source HF"] = verify(
+                        runner, wp, prime_wp, "lit2hf-wp", hf_dir, hf_back, ("hf", "hf"))
                 rm(hf_back)
 
             if not args.skip_litgpt:
@@ -728,7 +687,12 @@ def run_benchmark(args) -> None:
                 r["litgpt"] = runner.measure("lit2hf litgpt", [args.litgpt_python, str(THIS), "_litgpt_lit2hf",
                                                                str(lit_in), str(lit_back)], lit_in, prime_lit, lit_back)
                 if args.verify and r["litgpt"]["rc"] == 0:
-                    results["verify"]["lit2hf litgpt == source HF"] = verify(runner, py, "lit2hf-litgpt", hf_dir, lit_back)
+                    # LitGPT writes a flat HF-named state dict as model.pth with no config: give it
+                    # the names transformers would look for, so weightport reads it as hf
+                    (lit_back / "model.pth").rename(lit_back / "pytorch_model.bin")
+                    shutil.copy(hf_dir / "config.json", lit_back / "config.json")
+                    results["verify"]["LitGPT's HF output vs the source HF"] = verify(
+                        runner, wp, prime_wp, "lit2hf-litgpt", hf_dir, lit_back, ("hf", "hf"))
                 rm(lit_back)
                 rm(lit_in)
     finally:
@@ -857,13 +821,17 @@ def render_report(res: dict, args) -> str:
         L.append(f"\n(Verdicts at scale `{res['scale']}` are not the benchmark's; see the note at the top.)")
     L.append("")
 
-    L.append("## Correctness\n")
+    L.append("## Correctness: `weightport verify --tensors-only`, measured\n")
     if res["verify"]:
+        L.append("Every tensor of both checkpoints mapped to Hugging Face names and layouts and compared bit "
+                 "for bit, streaming; both inputs evicted from the page cache first.\n")
+        L.append("| A vs B | verdict | tensors | wall+sync s | peak RSS GiB | peak anon RSS GiB |")
+        L.append("|---|---|---|---:|---:|---:|")
         for k, v in res["verify"].items():
-            if v.get("ok"):
-                L.append(f"- {k}: identical ({v['compared']} tensors, names, dtypes, shapes and bytes)")
-            else:
-                L.append(f"- {k}: **DIFFERENT** — {json.dumps({kk: vv for kk, vv in v.items() if kk != 'ok'})[:500]}")
+            counts = ", ".join(f"{n} {c}" for c, n in sorted(v.get("counts", {}).items())) or v.get("error", "")
+            verdict = "equivalent" if v.get("ok") else f"**NOT equivalent** {json.dumps(v.get('differing', []))[:300]}"
+            L.append(f"| {k} | {verdict} | {counts} | {v['total']:.1f} | {gib(v['maxrss_kib']):.2f} | "
+                     f"{gib(v['anon_kib']):.2f} |")
     else:
         L.append("- not checked (`--no-verify`, or there was nothing to compare)")
     for n in res["notes"]:
@@ -898,8 +866,9 @@ def textwrap_method(res: dict) -> str:
                                     else "LitGPT's `lit_model.pth`") + "; all three tools read the same file.",
         "- weightport: `weightport convert SRC DST --to litgpt|hf` into a fresh directory; its times include "
         "Python start-up and imports.",
-        "- Verification (not timed; `--no-verify` skips it) compares every tensor (name, dtype, shape, "
-        "bytes) of weightport's LitGPT output with LitGPT's, and of each HF output with the source.",
+        "- Verification (`--no-verify` skips it) is `weightport verify A B --tensors-only`: weightport's "
+        "LitGPT output against LitGPT's own, and each HF output against the source; LitGPT's `model.pth` is "
+        "renamed `pytorch_model.bin` beside the source's `config.json` so it reads as a Hugging Face checkpoint.",
     ]) + "\n"
 
 
@@ -912,9 +881,6 @@ def main(argv: list[str] | None = None) -> int:
     # Internal sub-commands, run in the torch / LitGPT venvs by the benchmark itself.
     if argv and argv[0] == "_generate":
         _generate(argv[1], Path(argv[2]))
-        return 0
-    if argv and argv[0] == "_verify":
-        _verify(Path(argv[1]), Path(argv[2]))
         return 0
     if argv and argv[0] == "_litgpt_hf2lit":
         _litgpt_hf2lit(Path(argv[1]), argv[2])
