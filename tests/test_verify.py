@@ -297,3 +297,76 @@ def test_eval_captions_without_a_tokenizer_says_so(llama):
     proc = run_cli("eval-captions", hf)
     assert proc.returncode == 1
     assert proc.stderr == f"weightport: error: {hf}: has no tokenizer files; pass --tokenizer DIR\n"
+
+
+def test_verify_and_eval_read_webdataset_shards_and_saved_datasets(llama, tmp_path):
+    """The same captions from webdataset's own ShardWriter and from datasets.save_to_disk give the
+    same scores as the built-in tar they were copied from."""
+    import datasets
+    import webdataset as wds
+
+    from weightport.captions import load_captions
+
+    _, hf, _ = llama
+    a = shutil.copytree(hf, tmp_path / "a")
+    build_tokenizer(a)
+    b = tmp_path / "b"
+    weightport.convert(a, b, "litgpt", dtype="bfloat16")
+    samples = load_captions(limit=7)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with wds.ShardWriter(str(shards / "captions-%06d.tar"), maxcount=3, verbose=0) as sink:
+        for s in samples:
+            sink.write({"__key__": s.key, "jpg": s.image, "txt": s.caption, "json": s.meta})
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"image": [{"bytes": s.image, "path": None} for s in samples],
+                                "caption": [s.caption for s in samples]},
+                               features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+                               ).save_to_disk(str(saved))
+
+    results = []
+    for data in (None, shards, str(shards / "captions-{000000..000002}.tar"), saved):
+        f = verify(a, b, data=data, samples=7).function
+        assert f.sequences == 7 and f.dtype == "bfloat16" and f.ok
+        assert f.inputs.startswith("7 captions from " + ("the built-in caption set" if data is None else str(data)))
+        results.append((f.a, f.b, f.max_abs_diff))
+    assert all(r == results[0] for r in results)
+    proc = run_cli("eval-captions", b, "--data", shards, "--samples", "7")
+    assert proc.returncode == 0, proc.stderr
+    assert f"over {results[0][1].tokens} caption tokens" in proc.stdout
+
+
+def test_large_renamed_tensors_are_compared_piecewise_from_the_files(tmp_path, monkeypatch):
+    """Above STREAM_BYTES a plainly renamed tensor is never loaded whole: force that path on a tiny
+    model, with pieces that do not align to rows, and check it finds what the whole-tensor path finds."""
+    from weightport.verify import tensors
+
+    calls = []
+    piecewise = tensors.compare_pieces
+    monkeypatch.setattr(tensors, "STREAM_BYTES", 0)
+    monkeypatch.setattr(tensors, "CHUNK", 1000)
+    monkeypatch.setattr(tensors, "compare_pieces", lambda name, *a: calls.append(name) or piecewise(name, *a))
+
+    a = build_hf("llama3", tmp_path / "a", dtype=torch.bfloat16)
+    lit = tmp_path / "lit"
+    weightport.convert(a, lit, "litgpt", dtype="float32")
+    report = verify(a, lit, tensors_only=True)
+    assert report.equivalent, report.render()
+    assert {r.status for r in report.tensors.results} == {"cast"}
+    assert "model.layers.1.mlp.down_proj.weight" in calls and "model.embed_tokens.weight" in calls
+    assert not any("q_proj" in c for c in calls)  # fused in LitGPT: loaded as a group
+
+    b = shutil.copytree(a, tmp_path / "b")
+    name = "model.layers.1.mlp.down_proj.weight"  # [64, 96]: element 40*96+7 = 3847 is in the 4th piece
+
+    def nudge(t):
+        w = t[name].clone()
+        w.view(torch.int16)[40, 7] -= 1
+        t[name] = w
+
+    _edit_hf(b, nudge)
+    calls.clear()
+    bad = _bad(verify(a, b, tensors_only=True))
+    assert name in calls
+    assert list(bad) == [name]
+    assert (bad[name].n_different, bad[name].max_ulp, bad[name].first_diff) == (1, 1, [40, 7])

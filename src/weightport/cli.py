@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
 # Large tensors come and go one group at a time; backing them with transparent huge pages
 # makes each fresh allocation far cheaper to fault in. torch reads this once, at import.
@@ -161,7 +159,7 @@ def _eval_captions(args) -> int:
     result = verify.eval_captions(args.model, source_format=args.source_format, data=args.data,
                                   samples=args.samples, tokenizer=args.tokenizer)
     if args.report:
-        Path(args.report).write_text(json.dumps(asdict(result), indent=2) + "\n")
+        verify.write_json(args.report, asdict(result))
     print(result.render())
     return 0
 

@@ -12,7 +12,8 @@ import torch
 from tqdm import tqdm
 
 from .errors import WeightportError
-from .ops import Identity, TiedWeightsDiffer
+from .hub import HubTensors
+from .ops import Identity
 from .plan import Plan, check_float16
 
 
@@ -68,35 +69,17 @@ def _output_dtype(plan: Plan) -> torch.dtype:
 
 def _stream(plan: Plan, writer, allow_overflow: bool, progress: bool) -> None:
     source = plan.source.source
-    producer = {h: step for step in plan.read_steps for h in step.outputs}
-    uses = Counter(h for step in plan.write_steps for h in step.inputs)
-    cache: dict[str, torch.Tensor] = {}
+    hub = HubTensors(source, plan.read_steps, Counter(h for step in plan.write_steps for h in step.inputs))
     planned = {t.name: t for t in plan.outputs}
-
-    def hub(name: str) -> torch.Tensor:
-        if name not in cache:
-            step = producer[name]
-            inputs = [source.load(n) for n in step.inputs]
-            try:
-                outs = step.run(inputs)
-            except TiedWeightsDiffer as e:
-                raise WeightportError(f"{source.tensors[step.inputs[0]].file}: tensors {', '.join(step.inputs)}: {e}") from None
-            for h, t in zip(step.outputs, outs):
-                cache[h] = t
-        t = cache[name]
-        uses[name] -= 1
-        if uses[name] == 0:
-            del cache[name]
-        return t
 
     bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="converting",
                disable=not progress, leave=False, dynamic_ncols=True)
     try:
         for step in plan.write_steps:
-            if _stream_rename(step, producer, uses, source, writer, planned, allow_overflow):
+            if _stream_rename(step, hub, writer, planned, allow_overflow):
                 bar.update(planned[step.outputs[0]].nbytes)
                 continue
-            outs = step.run([hub(h) for h in step.inputs])
+            outs = step.run([hub.take(h) for h in step.inputs])
             cast = []
             for name, t in zip(step.outputs, outs):
                 want = planned[name].dtype
@@ -116,18 +99,16 @@ def _stream(plan: Plan, writer, allow_overflow: bool, progress: bool) -> None:
         bar.close()
 
 
-def _stream_rename(step, producer, uses, source, writer, planned, allow_overflow) -> bool:
+def _stream_rename(step, hub: HubTensors, writer, planned, allow_overflow) -> bool:
     """Move a renamed-only tensor without holding a copy of it: in pieces when the writer takes
     pieces, else straight from the source file's pages. False when this step needs the tensor."""
     if not (isinstance(step.op, Identity) and len(step.inputs) == 1):
         return False
-    src = producer[step.inputs[0]]
-    if not (isinstance(src.op, Identity) and len(src.inputs) == 1) or uses[step.inputs[0]] != 1:
-        return False
+    source = hub.source
+    name = hub.renamed_from(step.inputs[0])
     out = planned[step.outputs[0]]
-    if out.nbytes <= CHUNK_BYTES:
+    if name is None or out.nbytes <= CHUNK_BYTES:
         return False
-    name = src.inputs[0]
     if hasattr(writer, "write_chunks"):
         chunks = source.iter_chunks(name, CHUNK_BYTES)
         if chunks is None:
@@ -151,7 +132,7 @@ def _stream_rename(step, producer, uses, source, writer, planned, allow_overflow
         writer.write_group([out.name], [view])
         del view
         source.release(name)
-    uses[step.inputs[0]] -= 1
+    hub.skip(step.inputs[0])
     return True
 
 

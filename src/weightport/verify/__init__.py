@@ -8,6 +8,7 @@ within a per-dtype tolerance), optionally with B run in its own framework.
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -96,7 +97,21 @@ class VerifyReport:
         return "\n".join(lines)
 
     def write_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=2, default=str) + "\n")
+        write_json(path, self.to_json())
+
+
+def write_json(path: str | Path, data) -> None:
+    """Strict JSON: inf and nan (an infinite relative error, a loss with no scored token) as strings."""
+    def strict(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return str(x)
+        if isinstance(x, dict):
+            return {k: strict(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [strict(v) for v in x]
+        return x
+
+    Path(path).write_text(json.dumps(strict(data), indent=2, default=str, allow_nan=False) + "\n")
 
 
 def _dtype_of(ckpt) -> str:

@@ -6,6 +6,7 @@ go to disk so only one model is ever in memory, however large the two are.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -23,11 +24,7 @@ PLANNED_RUNTIMES = {"mindspore": "mindspore", "onnxruntime": "onnx"}
 
 
 def transformers_available() -> bool:
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("transformers") is not None
 
 
 def run_transformers(hf_dir: Path, inputs: Inputs, out_dir: Path) -> None:

@@ -11,13 +11,17 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..dtypes import short_name
+from ..dtypes import itemsize, short_name
 from ..formats.base import Checkpoint
-from ..ops import Identity
+from ..errors import WeightportError
+from ..hub import HubTensors
+from ..io.source import TensorMeta
 from ..plan import Step, unclaimed_tensors
 
 # flat elements compared at a time: the temporaries (casts, int64 orderings) stay near 100 MB
 CHUNK = 1 << 22
+# larger tensors stored under a plain rename on both sides are compared from the files in pieces
+STREAM_BYTES = 64 * 2**20
 # differences this small are rounding-level: worth a separate word, never a pass
 ROUNDING_ULPS = 4
 _BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
@@ -72,47 +76,43 @@ class TensorResult:
 
 
 class HubReader:
-    """A checkpoint seen as hub tensors, produced group by group on demand.
-
-    Unlike a plan, it does not refuse an incomplete checkpoint: what cannot be produced is
-    reported, so a verification can name every missing and extra tensor at once."""
+    """A checkpoint seen as hub tensors, like a conversion reads it, but without refusing an
+    incomplete one: what cannot be produced is reported, so every missing and extra tensor is
+    named at once."""
 
     def __init__(self, ckpt: Checkpoint):
-        self.ckpt = ckpt
         metas = ckpt.source.tensors
         self.missing: dict[str, str] = {}
-        self._producer: dict[str, Step] = {}
+        steps = []
         for rule in ckpt.rules:
             absent = [n for n in rule.fmt if n not in metas]
             if absent:
-                for h in rule.hub:
-                    self.missing[h] = f"its stored tensor {absent[0]} is absent"
-                continue
-            step = Step(rule.fmt, rule.hub, rule.op, backward=True)
-            for h in rule.hub:
-                self._producer[h] = step
+                self.missing.update((h, f"its stored tensor {absent[0]} is absent") for h in rule.hub)
+            else:
+                steps.append(Step(rule.fmt, rule.hub, rule.op, backward=True))
         self.extra = [name for name, droppable in unclaimed_tensors(ckpt) if not droppable]
-        self._cache: dict[str, torch.Tensor] = {}
+        self._hub = HubTensors(ckpt.source, steps)
 
     @property
     def names(self) -> list[str]:
-        return list(self._producer)
+        return list(self._hub.producer)
 
     def stored_as(self, name: str) -> list[str]:
-        step = self._producer.get(name)
+        step = self._hub.producer.get(name)
         return list(step.inputs) if step else []
 
-    def layout_changed(self, name: str) -> bool:
-        step = self._producer.get(name)
-        return step is not None and not isinstance(step.op, Identity)
+    @property
+    def source(self):
+        return self._hub.source
 
     def take(self, name: str) -> torch.Tensor:
-        """The hub tensor, read once: later groups never wait behind this one in memory."""
-        if name not in self._cache:
-            step = self._producer[name]
-            outs = step.run([self.ckpt.source.load(n) for n in step.inputs])
-            self._cache.update(zip(step.outputs, outs))
-        return self._cache.pop(name)
+        return self._hub.take(name)
+
+    def renamed_from(self, name: str) -> str | None:
+        return self._hub.renamed_from(name)
+
+    def skip(self, name: str) -> None:
+        self._hub.skip(name)
 
 
 def _ordered(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -122,49 +122,75 @@ def _ordered(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(i < 0, -(i & (sign - 1)), i)
 
 
+class _Differences:
+    """Accumulates the comparison of B with A-cast-to-B's-dtype over flat pieces, so a tensor
+    never needs to be whole (or copied as int64) to be compared."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype, self.bits = dtype, _BITS.get(dtype)
+        self.n, self.max_diff, self.max_a, self.max_ulp, self.first = 0, 0.0, 0.0, 0, None
+
+    def add(self, start: int, pa: torch.Tensor, pb: torch.Tensor) -> None:
+        ca = pa.to(self.dtype)
+        if self.bits is not None:
+            ia, ib = ca.view(self.bits), pb.view(self.bits)
+            differ = ia != ib
+        else:
+            differ = ca != pb
+        if pa.numel():
+            self.max_a = max(self.max_a, float(pa.double().abs().nan_to_num(0.0).max()))
+        count = int(differ.sum())
+        if not count:
+            return
+        if self.first is None:
+            self.first = start + int(differ.nonzero()[0, 0])
+        self.n += count
+        da, db = ca[differ].double(), pb[differ].double()
+        self.max_diff = max(self.max_diff, float((da - db).abs().nan_to_num(float("inf")).max()))
+        if self.bits is not None:
+            ulps = (_ordered(ia[differ], self.dtype) - _ordered(ib[differ], self.dtype)).abs()
+            self.max_ulp = max(self.max_ulp, int(ulps.max()))
+
+    def result(self, res: TensorResult, shape: tuple[int, ...], same_dtype: bool) -> TensorResult:
+        if not self.n:
+            res.status = "exact" if same_dtype else "cast"
+            return res
+        res.status = "different"
+        res.n_different, res.max_abs_diff = self.n, self.max_diff
+        res.rel_err = self.max_diff / self.max_a if self.max_a else float("inf")
+        res.max_ulp = self.max_ulp if self.bits is not None else None
+        res.first_diff = [int(i) for i in torch.unravel_index(torch.tensor(self.first), shape)] if shape else []
+        return res
+
+
+def _result(name, shape_a, shape_b, dtype_a, dtype_b) -> TensorResult:
+    return TensorResult(name, "exact", list(shape_a), list(shape_b), short_name(dtype_a), short_name(dtype_b))
+
+
 def compare(name: str, a: torch.Tensor, b: torch.Tensor) -> TensorResult:
-    res = TensorResult(name, "exact", list(a.shape), list(b.shape), short_name(a.dtype), short_name(b.dtype))
+    res = _result(name, a.shape, b.shape, a.dtype, b.dtype)
     if a.shape != b.shape:
         res.status = "shape"
         return res
     fa, fb = a.reshape(-1), b.reshape(-1)
-    bits = _BITS.get(b.dtype)
-    n_diff, max_diff, max_a, max_ulp, first = 0, 0.0, 0.0, 0, None
+    diff = _Differences(b.dtype)
     for start in range(0, fa.numel(), CHUNK):
-        ca = fa[start:start + CHUNK].to(b.dtype)
-        cb = fb[start:start + CHUNK]
-        if bits is not None:
-            ia, ib = ca.view(bits), cb.view(bits)
-            differ = ia != ib
-        else:
-            differ = ca != cb
-        if ca.is_floating_point() or ca.is_complex():
-            max_a = max(max_a, float(fa[start:start + CHUNK].double().abs().nan_to_num(0.0).max()))
-        elif ca.numel():
-            max_a = max(max_a, float(ca.double().abs().max()))
-        count = int(differ.sum())
-        if not count:
-            continue
-        if first is None:
-            first = start + int(differ.nonzero()[0, 0])
-        n_diff += count
-        da, db = ca[differ].double(), cb[differ].double()
-        max_diff = max(max_diff, float((da - db).abs().nan_to_num(float("inf")).max()))
-        if bits is not None:
-            ulps = (_ordered(ia[differ], b.dtype) - _ordered(ib[differ], b.dtype)).abs()
-            max_ulp = max(max_ulp, int(ulps.max()))
-    if not n_diff:
-        res.status = "exact" if a.dtype == b.dtype else "cast"
-        return res
-    res.status = "different"
-    res.n_different = n_diff
-    res.max_abs_diff = max_diff
-    res.rel_err = max_diff / max_a if max_a else float("inf")
-    res.max_ulp = max_ulp if bits is not None else None
-    res.first_diff = list(torch.unravel_index(torch.tensor(first), a.shape)) if a.dim() else []
-    res.first_diff = [int(i) for i in res.first_diff]
-    res.note = _layout_hint(a.to(b.dtype), b)
+        diff.add(start, fa[start:start + CHUNK], fb[start:start + CHUNK])
+    diff.result(res, tuple(a.shape), a.dtype == b.dtype)
+    if res.status == "different":
+        res.note = _layout_hint(a.to(b.dtype), b)
     return res
+
+
+def compare_pieces(name: str, meta_a: TensorMeta, meta_b: TensorMeta, pieces_a, pieces_b) -> TensorResult:
+    """`compare` for two tensors given as flat pieces of equal element counts."""
+    res = _result(name, meta_a.shape, meta_b.shape, meta_a.dtype, meta_b.dtype)
+    diff = _Differences(meta_b.dtype)
+    start = 0
+    for pa, pb in zip(pieces_a, pieces_b):
+        diff.add(start, pa, pb)
+        start += pa.numel()
+    return diff.result(res, meta_a.shape, meta_a.dtype == meta_b.dtype)
 
 
 def _layout_hint(a: torch.Tensor, b: torch.Tensor) -> str:
@@ -195,6 +221,31 @@ class TensorReport:
         return out
 
 
+def streamed_bytes(r: TensorResult) -> int:
+    n = 1
+    for d in r.shape_a:
+        n *= d
+    return n * (itemsize(getattr(torch, r.dtype_a)) + itemsize(getattr(torch, r.dtype_b)))
+
+
+def _compare_renamed(name: str, ra: HubReader, rb: HubReader) -> TensorResult | None:
+    """Large tensors both sides store under a plain rename are compared piece by piece straight
+    from the files: an 8B model's 1 GB embedding never sits in memory twice."""
+    stored_a, stored_b = ra.renamed_from(name), rb.renamed_from(name)
+    if stored_a is None or stored_b is None:
+        return None
+    meta_a, meta_b = ra.source.tensors[stored_a], rb.source.tensors[stored_b]
+    if meta_a.nbytes <= STREAM_BYTES or meta_a.shape != meta_b.shape:
+        return None
+    pieces_a = ra.source.iter_chunks(stored_a, CHUNK * itemsize(meta_a.dtype))
+    pieces_b = rb.source.iter_chunks(stored_b, CHUNK * itemsize(meta_b.dtype))
+    if pieces_a is None or pieces_b is None:
+        return None
+    ra.skip(name)
+    rb.skip(name)
+    return compare_pieces(name, meta_a, meta_b, pieces_a, pieces_b)
+
+
 def compare_checkpoints(a: Checkpoint, b: Checkpoint, progress=None) -> TensorReport:
     ra, rb = HubReader(a), HubReader(b)
     results = []
@@ -207,14 +258,20 @@ def compare_checkpoints(a: Checkpoint, b: Checkpoint, progress=None) -> TensorRe
             continue
         b_names.discard(name)
         src = rb.stored_as(name)
+        streamed = _compare_renamed(name, ra, rb)
+        if streamed is not None:
+            results.append(streamed)
+            if progress:
+                progress(streamed_bytes(streamed))
+            continue
         try:
             ta = ra.take(name)
-        except ValueError as e:
+        except (ValueError, WeightportError) as e:
             results.append(TensorResult(name, "unreadable", note=f"A: {', '.join(ra.stored_as(name))}: {e}"))
             continue
         try:
             tb = rb.take(name)
-        except ValueError as e:
+        except (ValueError, WeightportError) as e:
             results.append(TensorResult(name, "unreadable", b_source=src, note=f"B: {', '.join(src)}: {e}"))
             continue
         r = compare(name, ta, tb)
