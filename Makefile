@@ -6,6 +6,8 @@ LITGPT_VENV ?= .venv-litgpt
 TORCH ?= torch==2.13.0
 TRANSFORMERS ?= transformers==5.23.0
 LITGPT ?= litgpt==0.5.13
+MINDSPORE ?= mindspore==2.10.0
+MINDFORMERS ?= mindformers==2.0.0
 PIP_FLAGS ?= --quiet --disable-pip-version-check
 
 .PHONY: demo test bench clean
@@ -24,10 +26,20 @@ $(LITGPT_VENV)/.installed:
 	$(LITGPT_VENV)/bin/pip install $(PIP_FLAGS) $(LITGPT)
 	touch $@
 
+# MindSpore (CPU, ~800 MB) installs into the test venv without changing torch, transformers or
+# numpy; only the tests need it (they drive it as a subprocess, tests/peers/mindspore_peer.py,
+# because importing it changes the process for later tests).
+$(VENV)/.installed-mindspore: $(VENV)/.installed
+	$(VENV)/bin/pip install $(PIP_FLAGS) $(MINDSPORE)
+	# MindFormers' own converter is a test peer only; its pins (numpy<2, transformers 4.57) are not
+	# needed by the two files the peer loads, so it goes in without dependencies
+	$(VENV)/bin/pip install $(PIP_FLAGS) --no-deps $(MINDFORMERS)
+	touch $@
+
 demo: $(VENV)/.installed
 	$(VENV)/bin/python examples/demo.py demo-out
 
-test: $(VENV)/.installed $(LITGPT_VENV)/.installed
+test: $(VENV)/.installed $(VENV)/.installed-mindspore $(LITGPT_VENV)/.installed
 	$(VENV)/bin/python -m pytest -q
 
 bench: $(VENV)/.installed $(LITGPT_VENV)/.installed

@@ -148,3 +148,40 @@ def build_tokenizer(path: Path) -> Path:
     fast.add_tokens(["<image>"])
     fast.save_pretrained(path)
     return path
+
+
+def mindspore_python() -> str | None:
+    """The Python that has the real `mindspore` (the test venv's own, unless told otherwise)."""
+    exe = os.environ.get("WEIGHTPORT_MINDSPORE_PYTHON")
+    if exe:
+        return exe if Path(exe).exists() else None
+    import importlib.util
+
+    return sys.executable if importlib.util.find_spec("mindspore") is not None else None
+
+
+@pytest.fixture(scope="session")
+def mindspore_peer():
+    """Runs tests/peers/mindspore_peer.py jobs with the real MindSpore, in a subprocess.
+
+    MindSpore installs next to torch and transformers (`make test` adds it to the test venv),
+    but importing it alters the process for later tests (LD_LIBRARY_PATH and the protobuf
+    implementation inherited by subprocesses, the recursion limit), so it runs apart.
+    `run(ops, workdir)` returns one result dict per op. In CI it must be there.
+    """
+    exe = mindspore_python()
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("mindspore missing in CI (`make test` must install it into the test venv)")
+        pytest.skip("mindspore not installed; run `make test` to install it")
+
+    def run(ops: list[dict], workdir: Path) -> list[dict]:
+        job, result = Path(workdir) / "mindspore_job.json", Path(workdir) / "mindspore_result.json"
+        job.write_text(json.dumps({"ops": ops}))
+        proc = subprocess.run([exe, str(ROOT / "tests" / "peers" / "mindspore_peer.py"), str(job), str(result)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise AssertionError(f"mindspore peer failed:\n{proc.stderr[-4000:]}")
+        return json.loads(result.read_text())["results"]
+
+    return run

@@ -67,3 +67,6 @@ def test_formats_matrix():
     for fmt in ("hf", "litgpt"):
         for arch in ("llama", "mistral", "mixtral", "qwen2", "phi3", "gemma"):
             assert any(l.startswith(f"{fmt} ") and f" {arch} —" in l and l.rstrip().endswith("yes   yes") for l in lines), (fmt, arch)
+    for arch, ok in (("llama", True), ("mixtral", True), ("qwen2", True), ("mistral", False), ("gemma", False)):
+        row = next(l for l in lines if l.startswith("mindspore ") and f" {arch} —" in l)
+        assert row.rstrip().endswith("yes   yes" if ok else "no    no"), row

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from weightport.archs import model_from_hf_config
+from weightport.errors import WeightportError
 from weightport.formats import FORMATS
 from weightport.formats.litgpt import litgpt_rules
 from weightport.plan import Step
@@ -34,7 +35,16 @@ def _model(key):
 
 
 def _rule_sets(model):
-    sets = {name: fmt.target_rules(model) for name, fmt in FORMATS.items()}
+    """Every format's rules in every layout, for the models the format can hold."""
+    sets = {}
+    for name, fmt in FORMATS.items():
+        if model.arch.name not in fmt.archs:
+            continue
+        for layout in fmt.layouts or (None,):
+            try:
+                sets[f"{name}-{layout}" if layout else name] = fmt.target_rules(model, layout)
+            except WeightportError as e:  # e.g. MindFormers' Llama has no o_proj bias: refused, by design
+                assert name == "mindspore", e
     sets["litgpt-legacy"] = litgpt_rules(model, legacy=True)
     return sets
 

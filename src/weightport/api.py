@@ -17,12 +17,19 @@ from .formats import Checkpoint, WriteOptions
 from .plan import Plan, build_plan
 
 
-def open_checkpoint(path: str | Path, fmt: str | None = None) -> Checkpoint:
+def open_checkpoint(path: str | Path, fmt: str | None = None, layout: str | None = None) -> Checkpoint:
     path = Path(path)
     adapter = formats.get(fmt) if fmt else formats.detect(path)
     if not path.exists():
         raise WeightportError(f"{path}: no such file or directory")
-    return adapter.open(path)
+    _check_layout(adapter, layout)
+    return adapter.open(path, layout)
+
+
+def _check_layout(adapter, layout: str | None) -> None:
+    if layout is not None and layout not in adapter.layouts:
+        choices = f"choose one of {', '.join(adapter.layouts)}" if adapter.layouts else "it has only one"
+        raise WeightportError(f"format {adapter.name} has no layout {layout!r} ({choices})")
 
 
 def _check_output(src: Path, out: Path, force: bool) -> None:
@@ -35,16 +42,18 @@ def _check_output(src: Path, out: Path, force: bool) -> None:
 
 
 def plan_conversion(src: str | Path, out: str | Path, to: str, *, source_format: str | None = None,
-                    dtype: str | torch.dtype | None = "auto", max_shard_size: str | int = "5GB") -> Plan:
+                    dtype: str | torch.dtype | None = "auto", max_shard_size: str | int = "5GB",
+                    layout: str | None = None, source_layout: str | None = None) -> Plan:
     target = formats.get(to)
-    ckpt = open_checkpoint(src, source_format)
+    _check_layout(target, layout)
+    ckpt = open_checkpoint(src, source_format, source_layout)
     try:
         if isinstance(dtype, str):
             dtype = parse_dtype(dtype)
         size = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
         if ckpt.model.arch.name not in target.archs:
             raise WeightportError(f"format {target.name} does not support {ckpt.model.arch.name}")
-        return build_plan(ckpt, target, Path(out), dtype, WriteOptions(max_shard_size=size))
+        return build_plan(ckpt, target, Path(out), dtype, WriteOptions(max_shard_size=size, layout=layout))
     except BaseException:
         ckpt.close()
         raise
@@ -52,13 +61,15 @@ def plan_conversion(src: str | Path, out: str | Path, to: str, *, source_format:
 
 def convert(src: str | Path, out: str | Path, to: str, *, source_format: str | None = None,
             dtype: str | torch.dtype | None = "auto", max_shard_size: str | int = "5GB", force: bool = False,
-            allow_overflow: bool = False, dry_run: bool = False, progress: bool = False) -> Plan:
+            allow_overflow: bool = False, dry_run: bool = False, progress: bool = False,
+            layout: str | None = None, source_layout: str | None = None) -> Plan:
     """Convert the checkpoint at `src` into format `to` at `out`; returns the executed plan."""
     src, out = Path(src), Path(out)
     if not src.exists():
         raise WeightportError(f"{src}: no such file or directory")
     _check_output(src, out, force)
-    plan = plan_conversion(src, out, to, source_format=source_format, dtype=dtype, max_shard_size=max_shard_size)
+    plan = plan_conversion(src, out, to, source_format=source_format, dtype=dtype, max_shard_size=max_shard_size,
+                           layout=layout, source_layout=source_layout)
     try:
         if not dry_run:
             execute(plan, force=force, allow_overflow=allow_overflow, progress=progress)

@@ -11,7 +11,7 @@ from dataclasses import asdict
 # makes each fresh allocation far cheaper to fault in. torch reads this once, at import.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from . import __version__, api, formats, verify  # noqa: E402
+from . import __version__, api, formats, mindformers_compat, verify  # noqa: E402
 from .dtypes import CLI_DTYPES  # noqa: E402
 from .errors import WeightportError  # noqa: E402
 from .verify import DEFAULT_SAMPLES  # noqa: E402
@@ -25,6 +25,8 @@ EPILOG = """examples:
   weightport verify ./Llama-3.2-1B ./llama-lit --report report.json
   weightport verify ./Llama-3.2-1B ./llama-lit --runtime litgpt --runtime-python .venv-litgpt/bin/python
   weightport eval-captions ./llama-lit --data ./shards/ --samples 100
+  weightport convert ./Llama-3-8B ./llama-ms --to mindspore --dtype bfloat16 --layout fused-interleaved
+  weightport mindformers --model llama --input_path ./Llama-3-8B --output_path llama3.ckpt --dtype bf16
 """
 
 
@@ -51,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: auto)")
     c.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="largest safetensors shard for formats that shard, e.g. 5GB, 500MB, 2GiB (default: 5GB)")
+    c.add_argument("--layout", metavar="LAYOUT",
+                   help="tensor layout variant of the target format; mindspore: separate (default: wq/wk/wv, "
+                        "w1/w3), fused (w_qkv = cat(wq, wk, wv), w_gate_hidden = cat(w1, w3); MindFormers <= 1.3), "
+                        "fused-interleaved (per-kv-group w_qkv, alternating gate/up rows; MindFormers >= 1.5)")
+    c.add_argument("--from-layout", dest="source_layout", metavar="LAYOUT",
+                   help="layout of the source, when the checkpoint does not record it (same names as --layout)")
     c.add_argument("--dry-run", action="store_true",
                    help="build and check the plan from file headers, print it (files, tensors, bytes, ops) and exit")
     c.add_argument("--force", action="store_true", help="replace OUT if it exists (only once the new one is complete)")
@@ -107,6 +115,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="format, when detection should be overridden")
     i.add_argument("--tensors", action="store_true", help="also list every tensor's name, shape and dtype")
 
+    mindformers_compat.add_parser(sub)
+
     sub.add_parser("formats", help="print the support matrix (format x architecture x direction)",
                    description="Print which architectures each format can read and write.")
     return p
@@ -127,7 +137,8 @@ def _add_data_args(p: argparse.ArgumentParser, default_samples: int) -> None:
 def _convert(args) -> int:
     plan = api.convert(args.src, args.out, args.to, source_format=args.source_format, dtype=args.dtype,
                        max_shard_size=args.max_shard_size, force=args.force, allow_overflow=args.allow_overflow,
-                       dry_run=args.dry_run, progress=not args.quiet and sys.stderr.isatty())
+                       dry_run=args.dry_run, progress=not args.quiet and sys.stderr.isatty(),
+                       layout=args.layout, source_layout=args.source_layout)
     if args.dry_run:
         print(plan.render(verbose=True))
         print("dry run: nothing written")
@@ -155,6 +166,11 @@ def _verify(args) -> int:
     return 0 if report.equivalent else 1
 
 
+def _mindformers(args) -> int:
+    print(mindformers_compat.run(args))
+    return 0
+
+
 def _eval_captions(args) -> int:
     result = verify.eval_captions(args.model, source_format=args.source_format, data=args.data,
                                   samples=args.samples, tokenizer=args.tokenizer)
@@ -171,10 +187,10 @@ def _inspect(args) -> int:
 
 def _formats(args) -> int:
     rows = api.support_matrix()
-    width = max(len(r[1]) for r in rows)
-    print(f"{'format':8}  {'architecture':{width}}  read  write")
+    fw, width = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+    print(f"{'format':{fw}}  {'architecture':{width}}  read  write")
     for f, a, r, w in rows:
-        print(f"{f:8}  {a:{width}}  {r:4}  {w}")
+        print(f"{f:{fw}}  {a:{width}}  {r:4}  {w}")
     return 0
 
 
@@ -182,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"convert": _convert, "inspect": _inspect, "formats": _formats, "verify": _verify,
-                    "eval-captions": _eval_captions}
+                    "eval-captions": _eval_captions, "mindformers": _mindformers}
         return commands[args.command](args)
     except WeightportError as e:
         print(f"weightport: error: {e}", file=sys.stderr)

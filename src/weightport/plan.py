@@ -49,6 +49,7 @@ class Plan:
     files: list[OutputFile]
     dtype: torch.dtype | None
     dropped: list[tuple[str, str]] = field(default_factory=list)
+    layout: str | None = None
 
     @property
     def outputs(self) -> list[OutputTensor]:
@@ -69,7 +70,8 @@ class Plan:
             f"model:   {m.arch.name} ({m.arch.hf_class}), {m.dims.n_layer} layers, hidden {m.dims.hidden}, "
             f"{m.dims.n_head} heads / {m.dims.n_kv} kv, vocab {m.dims.vocab}"
             + (f", {m.dims.n_expert} experts" if m.dims.n_expert else "") + (", tied embeddings" if m.dims.tied else ""),
-            f"target:  {self.out_dir}  [{self.target.name}]",
+            f"target:  {self.out_dir}  [{self.target.name}"
+            + (f", {self.layout or self.target.layouts[0]} layout" if self.target.layouts else "") + "]",
             f"dtype:   {'keep source' if self.dtype is None else short_name(self.dtype)}",
             f"reads:   {len(s.source.tensors)} tensors, {_human(self.read_bytes)} from {len(s.source.files)} file(s)",
             f"writes:  {len(self.outputs)} tensors, {_human(self.total_bytes)} in {len(self.files)} file(s)",
@@ -114,12 +116,19 @@ def _fail(problems: list[str]) -> None:
         raise WeightportError(problems[0] + more)
 
 
-def unclaimed_tensors(source: Checkpoint) -> list[tuple[str, bool]]:
-    """Stored tensors no rule reads, each with whether the architecture drops it on purpose."""
+def unclaimed_tensors(source: Checkpoint) -> list[tuple[str, str | None]]:
+    """Stored tensors no rule reads, each with why it is dropped on purpose (None: it is not)."""
     claimed = {n for r in source.rules for n in r.fmt}
     droppable = [_template_regex(t) for t in source.model.arch.droppable]
-    return [(name, any(p.match(name) for p in droppable))
-            for name in source.source.tensors if name not in claimed]
+    out = []
+    for name in source.source.tensors:
+        if name in claimed:
+            continue
+        why = source.dropped.get(name)
+        if why is None and any(p.match(name) for p in droppable):
+            why = "recomputed by the model"
+        out.append((name, why))
+    return out
 
 
 def build_plan(source: Checkpoint, target: Format, out_dir: Path, dtype: torch.dtype | None,
@@ -131,10 +140,10 @@ def build_plan(source: Checkpoint, target: Format, out_dir: Path, dtype: torch.d
 
     # 1. every source tensor is claimed by a rule, or droppable by design
     dropped = []
-    for name, droppable in unclaimed_tensors(source):
+    for name, why in unclaimed_tensors(source):
         meta = metas[name]
-        if droppable:
-            dropped.append((name, "recomputed by the model"))
+        if why:
+            dropped.append((name, why))
         else:
             problems.append(f"{meta.file}: tensor {name} is not part of a {model.arch.name} model "
                             f"with this config (unmapped extra tensor)")
@@ -168,7 +177,7 @@ def build_plan(source: Checkpoint, target: Format, out_dir: Path, dtype: torch.d
         raise WeightportError(f"{source.path}: no tensor provides {missing_hub[0]}")
 
     # 3. target rules: every hub tensor consumed, every output produced with a known shape
-    write_rules = target.target_rules(model)
+    write_rules = target.target_rules(model, options.layout)
     consumed = {h for r in write_rules for h in r.hub}
     unconsumed = [h for h in expected if h not in consumed]
     if unconsumed:
@@ -181,7 +190,8 @@ def build_plan(source: Checkpoint, target: Format, out_dir: Path, dtype: torch.d
             out_dtype = dtype if (dtype is not None and src_dtype.is_floating_point) else src_dtype
             outputs.append(OutputTensor(name, tuple(shape), out_dtype, alias=isinstance(rule.op, Tie) and i > 0))
         write_steps.append(Step(rule.hub, rule.fmt, rule.op, backward=False))
-    return Plan(source, target, out_dir, read_steps, write_steps, target.layout(outputs, options), dtype, dropped)
+    return Plan(source, target, out_dir, read_steps, write_steps, target.layout(outputs, options), dtype, dropped,
+                options.layout)
 
 
 def check_float16(name: str, tensor: torch.Tensor) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import WeightportError
-from . import hf, litgpt
+from . import hf, litgpt, mindspore
 from .base import Checkpoint, Format, OutputFile, OutputTensor, WriteOptions
 
-FORMATS: dict[str, Format] = {f.name: f for f in (hf.FORMAT, litgpt.FORMAT)}
+FORMATS: dict[str, Format] = {f.name: f for f in (hf.FORMAT, litgpt.FORMAT, mindspore.FORMAT)}
 
 
 def get(name: str) -> Format:

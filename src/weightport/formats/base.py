@@ -32,6 +32,8 @@ class Checkpoint:
     side_files: list[Path] = field(default_factory=list)
     generation_config: dict | None = None
     notes: list[str] = field(default_factory=list)
+    # stored tensors the format itself sets aside (e.g. optimizer state), with why
+    dropped: dict[str, str] = field(default_factory=dict)
 
     def close(self) -> None:
         self.source.close()
@@ -66,6 +68,8 @@ class OutputFile:
 @dataclass
 class WriteOptions:
     max_shard_size: int = 5 * 10**9
+    # a format's tensor layout variant (Format.layouts), None for its default
+    layout: str | None = None
 
 
 class Writer:
@@ -86,14 +90,16 @@ class Format:
     title: str = ""
     # architectures (by Arch.name) this format can read and write
     archs: tuple[str, ...] = ()
+    # layout variants a format can be read and written in; the first is the default
+    layouts: tuple[str, ...] = ()
 
     def detect(self, path: Path) -> bool:
         raise NotImplementedError
 
-    def open(self, path: Path) -> Checkpoint:
+    def open(self, path: Path, layout: str | None = None) -> Checkpoint:
         raise NotImplementedError
 
-    def target_rules(self, model: Model) -> list[Rule]:
+    def target_rules(self, model: Model, layout: str | None = None) -> list[Rule]:
         """Expanded hub -> format rules for writing this model."""
         raise NotImplementedError
 
@@ -103,7 +109,8 @@ class Format:
     def writer(self, directory: Path, files: list[OutputFile]) -> Writer:
         raise NotImplementedError
 
-    def write_metadata(self, directory: Path, source: Checkpoint, model: Model, dtype: torch.dtype) -> list[str]:
+    def write_metadata(self, directory: Path, source: Checkpoint, model: Model, dtype: torch.dtype,
+                       layout: str | None = None) -> list[str]:
         """Config, tokenizer and other non-tensor files; returns the names written."""
         raise NotImplementedError
 

@@ -55,7 +55,7 @@ class HFFormat(Format):
             (path / n).is_file() for n in (SAFE_INDEX, BIN_INDEX, "model.safetensors", "pytorch_model.bin")
         ) or (path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors")))
 
-    def open(self, path: Path) -> Checkpoint:
+    def open(self, path: Path, layout: str | None = None) -> Checkpoint:
         config_path = path / "config.json"
         config = load_json(config_path)
         model = model_from_hf_config(config, str(config_path))
@@ -76,7 +76,7 @@ class HFFormat(Format):
             generation_config=load_json(generation) if generation.is_file() else None,
         )
 
-    def target_rules(self, model: Model) -> list[Rule]:
+    def target_rules(self, model: Model, layout: str | None = None) -> list[Rule]:
         return identity_rules(list(model.hub_tensors()))
 
     def layout(self, tensors: list[OutputTensor], options: WriteOptions) -> list[OutputFile]:
@@ -96,7 +96,8 @@ class HFFormat(Format):
     def writer(self, directory: Path, files: list[OutputFile]) -> Writer:
         return ShardedSafetensorsWriter(directory, files)
 
-    def write_metadata(self, directory: Path, source: Checkpoint, model: Model, dtype: torch.dtype) -> list[str]:
+    def write_metadata(self, directory: Path, source: Checkpoint, model: Model, dtype: torch.dtype,
+                       layout: str | None = None) -> list[str]:
         config = dict(model.config)
         config["architectures"] = [model.arch.hf_class]
         config.pop("torch_dtype", None)

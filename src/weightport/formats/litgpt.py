@@ -106,7 +106,7 @@ class LitGPTFormat(Format):
         return (directory / WEIGHTS).is_file() or (path.is_file() and path.suffix == ".pth"
                                                    and ((directory / CONFIG).is_file() or (directory / LEGACY_CONFIG).is_file()))
 
-    def open(self, path: Path) -> Checkpoint:
+    def open(self, path: Path, layout: str | None = None) -> Checkpoint:
         weights, config_path = _find(path)
         if not weights.is_file():
             raise WeightportError(f"{weights}: not found")
@@ -143,7 +143,7 @@ class LitGPTFormat(Format):
             source.close()
             raise
 
-    def target_rules(self, model: Model) -> list[Rule]:
+    def target_rules(self, model: Model, layout: str | None = None) -> list[Rule]:
         return litgpt_rules(model)
 
     def layout(self, tensors: list[OutputTensor], options: WriteOptions) -> list[OutputFile]:
@@ -152,7 +152,8 @@ class LitGPTFormat(Format):
     def writer(self, directory: Path, files: list[OutputFile]) -> Writer:
         return _LitWriter(directory / WEIGHTS)
 
-    def write_metadata(self, directory: Path, source: Checkpoint, model: Model, dtype: torch.dtype) -> list[str]:
+    def write_metadata(self, directory: Path, source: Checkpoint, model: Model, dtype: torch.dtype,
+                       layout: str | None = None) -> list[str]:
         lit = to_litgpt(model)
         with open(directory / CONFIG, "w", encoding="utf-8") as f:
             yaml.safe_dump(lit, f)

@@ -9,6 +9,7 @@ import torch
 
 from ..dtypes import itemsize
 from ..errors import WeightportError
+from .ms_ckpt import MsCkptFile
 from .safetensors_file import SafetensorsFile
 from .torch_file import TorchFile
 
@@ -32,6 +33,8 @@ def open_file(path: Path):
     path = Path(path)
     if path.suffix == ".safetensors":
         return SafetensorsFile(path)
+    if path.suffix == ".ckpt":
+        return MsCkptFile(path)
     return TorchFile(path)
 
 
@@ -70,6 +73,14 @@ class TensorSource:
     def shares_storage(self, a: str, b: str) -> bool:
         f = self._owner.get(a)
         return f is self._owner.get(b) and hasattr(f, "shares_storage") and f.shares_storage(a, b)
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Records of the files that are not tensors (e.g. MindSpore string records), with why."""
+        out = {}
+        for f in self._files:
+            out.update(getattr(f, "skipped", {}))
+        return out
 
     @property
     def files(self) -> list[Path]:

@@ -90,7 +90,7 @@ class HubReader:
                 self.missing.update((h, f"its stored tensor {absent[0]} is absent") for h in rule.hub)
             else:
                 steps.append(Step(rule.fmt, rule.hub, rule.op, backward=True))
-        self.extra = [name for name, droppable in unclaimed_tensors(ckpt) if not droppable]
+        self.extra = [name for name, why in unclaimed_tensors(ckpt) if not why]
         self._hub = HubTensors(ckpt.source, steps)
 
     @property

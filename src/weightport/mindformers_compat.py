@@ -1,0 +1,112 @@
+"""`weightport mindformers`: MindFormers' documented `convert_weight.py` command line, on our engine.
+
+    python convert_weight.py --model llama [--reversed] --input_path IN --output_path OUT [--dtype bf16]
+
+means the same here, with no MindSpore installed and streaming. Differences, on purpose: the
+reverse direction writes a Hugging Face directory (config, safetensors, tokenizer) where
+MindFormers writes a bare torch pickle, and the forward direction also leaves the config.json and
+MindFormers yaml next to the .ckpt so it converts back exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+
+from . import api
+from .errors import WeightportError
+
+# MindFormers --model keys we convert, and the Hugging Face architectures each accepts
+MODELS = {
+    "llama": ("llama",), "codellama": ("llama",), "yi": ("llama",), "deepseek": ("llama",),
+    "qwen2": ("qwen2",), "qwen2_5": ("qwen2",), "mixtral": ("mixtral",),
+}
+# keys of MindFormers' conversion table that weightport does not convert yet
+NOT_YET = ("glm", "glm-n", "glm4", "baichuan2", "qwen", "qwenvl", "internlm", "internlm2", "cogvlm2",
+           "deepseek2", "deepseekv3", "gpt", "whisper", "telechat", "llava", "internvl2")
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def add_parser(sub) -> None:
+    m = sub.add_parser(
+        "mindformers", help="MindFormers' convert_weight.py command line (HF <-> MindSpore .ckpt)",
+        description="Same flags and meanings as MindFormers' `convert_weight.py`. Forward: --input_path is a "
+                    "Hugging Face model directory (or a file inside it, as older MindFormers took), --output_path "
+                    "the .ckpt to write; config.json and mindformers.yaml are written beside it unless present. "
+                    "--reversed: --input_path is a .ckpt (with its config.json or MindFormers yaml beside it), "
+                    "--output_path the Hugging Face directory to create.")
+    m.add_argument("--model", required=True, metavar="MODEL",
+                   help=f"MindFormers model key: {', '.join(MODELS)} (not yet: {', '.join(NOT_YET)})")
+    m.add_argument("--reversed", action="store_true", help="MindSpore .ckpt -> Hugging Face")
+    m.add_argument("--input_path", required=True, metavar="PATH", help="what to convert")
+    m.add_argument("--output_path", required=True, metavar="PATH", help="where to write it")
+    m.add_argument("--dtype", choices=list(DTYPES), help="dtype of the written weights (default: keep)")
+    m.add_argument("--qkv_concat", type=_bool, default=False, metavar="BOOL",
+                   help="forward: write fused w_qkv / w_gate_hidden in MindFormers >= 1.5's interleaved layout "
+                        "(as its --qkv_concat True does); reversed: the .ckpt is fused")
+    m.add_argument("--n_head", type=int, metavar="N", help="checked against the config: attention heads")
+    m.add_argument("--hidden_size", type=int, metavar="N", help="checked against the config: hidden size")
+    m.add_argument("--layers", type=int, metavar="N", help="checked against the config: number of layers")
+    m.add_argument("--force", action="store_true", help="replace --output_path if it exists")
+
+
+def run(args) -> str:
+    """Runs the conversion; returns a one-line summary."""
+    if args.model in NOT_YET:
+        raise WeightportError(f"--model {args.model}: in MindFormers' table, but weightport does not convert it yet "
+                              f"(supported: {', '.join(MODELS)})")
+    if args.model not in MODELS:
+        raise WeightportError(f"--model {args.model}: unknown MindFormers model key (supported: {', '.join(MODELS)})")
+    src, out = Path(args.input_path), Path(args.output_path)
+    if not args.reversed and src.is_file():
+        src = src.parent  # MindFormers <= 1.3 took a file inside the HF directory
+    dtype = DTYPES[args.dtype] if args.dtype else "auto"
+    if args.reversed:
+        layout = "fused-interleaved" if args.qkv_concat else None
+        plan = api.plan_conversion(src, out, "hf", source_format="mindspore", dtype=dtype, source_layout=layout)
+        _check(args, plan)
+        plan.source.close()
+        api.convert(src, out, "hf", source_format="mindspore", dtype=dtype, force=args.force, source_layout=layout)
+        return f"wrote {out}"
+    layout = "fused-interleaved" if args.qkv_concat else "separate"
+    work = out.parent / f".{out.name}.weightport-dir-{os.getpid()}"
+    plan = api.plan_conversion(src, work, "mindspore", source_format="hf", dtype=dtype, layout=layout)
+    _check(args, plan)
+    plan.source.close()
+    if out.exists() and not args.force:
+        raise WeightportError(f"{out}: already exists; pass --force to replace it")
+    try:
+        api.convert(src, work, "mindspore", source_format="hf", dtype=dtype, layout=layout, force=True)
+        os.replace(work / "model.ckpt", out)
+        kept = []
+        for name in ("config.json", "mindformers.yaml"):
+            if not (out.parent / name).exists():
+                os.replace(work / name, out.parent / name)
+                kept.append(name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return f"wrote {out}" + (f" (and {', '.join(kept)} beside it)" if kept else "")
+
+
+def _check(args, plan) -> None:
+    model = plan.source.model
+    if model.arch.name not in MODELS[args.model]:
+        plan.source.close()
+        raise WeightportError(f"--model {args.model}: {args.input_path} is a {model.arch.name} model "
+                              f"({model.arch.hf_class})")
+    for flag, value in (("n_head", model.dims.n_head), ("hidden_size", model.dims.hidden),
+                        ("layers", model.dims.n_layer)):
+        given = getattr(args, flag)
+        if given is not None and given != value:
+            plan.source.close()
+            raise WeightportError(f"--{flag} {given}: the model's config says {value}")

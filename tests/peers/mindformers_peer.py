@@ -1,0 +1,162 @@
+#!/usr/bin/env python
+"""MindFormers reference peer for weightport tests: MindFormers' own Llama HF -> .ckpt converter.
+
+    python tests/peers/mindformers_peer.py convert-llama HF_DIR OUT_CKPT [--dtype fp32|fp16|bf16]
+    python tests/peers/mindformers_peer.py batch JOB_JSON RESULT_JSON
+    python tests/peers/mindformers_peer.py version
+
+What it runs: `mindformers.models.llama.convert_weight.convert_pt_to_ms(input_path=HF_DIR,
+output_path=OUT_CKPT, dtype=...)`, the function MindFormers' root `convert_weight.py --model llama`
+calls, unmodified, from the installed `mindformers` wheel (written against 2.0.0, the release
+paired with mindspore 2.10; the function and its helper `mindformers.utils.convert_utils.pt2ms`
+are the same in 1.7.0 ... 2.1.0). It loads `LlamaForCausalLM.from_pretrained(HF_DIR)`, renames
+every `state_dict()` entry by `name_replace` (str.replace), turns each tensor into a MindSpore
+Tensor with `pt2ms(value, dtype)` and writes them all with `mindspore.save_checkpoint`.
+
+Adaptations, none of which touch the conversion itself:
+
+- Loading. The wheel's `mindformers/__init__.py` imports the whole framework (~450 modules and a
+  dozen packages that `pip install --no-deps` leaves out: jieba, nltk, tensorboardX, mindpet,
+  tiktoken, ...), and its sub-packages import each other in an order only that `__init__`
+  gets right. The converter needs just two files, so this script loads
+  `mindformers/utils/convert_utils.py` and `mindformers/models/llama/convert_weight.py` straight
+  from the installed package directory under their own module names, beneath empty stand-in
+  parent packages. `convert_weight.py` also does `from mindformers.tools import MindFormerConfig,
+  MindFormerRegister, MindFormerModuleType` at module level; only `convert_to_qkv_concat` (not
+  run here) uses them, so the stand-in `mindformers.tools` holds placeholders that raise if called.
+- Path semantics. In these versions `input_path` is the HF directory itself (v1.3.x wanted a
+  file inside it and took its dirname); OUT_CKPT is the `.ckpt` file name.
+- dtype. `--dtype` maps to `mindspore.float32/float16/bfloat16` as the root script's `--dtype`
+  does; without it, `dtype=None`. Note that transformers 5 loads with dtype "auto" (4.x, which
+  MindFormers 2.0 pins, loaded float32), so with no --dtype a bf16 source stays BFloat16 here.
+- Llama only. A Qwen2 directory loads as `LlamaForCausalLM` (attention_bias=False), so
+  transformers drops its q/k/v biases as unexpected keys and they are missing from the .ckpt.
+- The converter catches a failed `from_pretrained`, prints, and goes on to a NameError; it
+  returns None. Any exception exits non-zero with the traceback on stderr.
+
+Run it as a subprocess with the test venv's Python: importing mindspore changes the process
+(LD_LIBRARY_PATH, the protobuf implementation later subprocesses inherit, the recursion limit).
+`convert-llama` and `version` print one JSON line: {"mindformers": version, "mindspore": version,
+"transformers": version[, "output": OUT_CKPT]}. `batch` runs many conversions in one process
+(importing transformers and mindspore costs most of a run): JOB_JSON is {"jobs": [{"hf_dir",
+"out_ckpt", "dtype": "fp32" | "fp16" | "bf16" | null}]}, RESULT_JSON gets the versions and one
+{"output"} or {"error": traceback} per job, in order.
+"""
+
+import argparse
+import functools
+import importlib.metadata
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+
+def _package_dir() -> Path:
+    spec = importlib.util.find_spec("mindformers")  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("mindformers is not installed (pip install --no-deps mindformers==2.0.0)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _stand_in(name: str, path: Path | None = None) -> types.ModuleType:
+    mod = types.ModuleType(name)
+    mod.__path__ = []  # a package, but one from which nothing else gets imported
+    if path is not None:
+        mod.__file__ = str(path / "__init__.py")
+    sys.modules[name] = mod
+    return mod
+
+
+def _load_file(name: str, path: Path) -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    parent, _, child = name.rpartition(".")
+    setattr(sys.modules[parent], child, mod)
+    return mod
+
+
+def _unavailable(what: str):
+    class Unavailable:
+        def __init__(self, *a, **k):
+            raise RuntimeError(f"mindformers.tools.{what} is not loaded by mindformers_peer.py")
+
+        def __getattr__(self, attr):
+            raise RuntimeError(f"mindformers.tools.{what} is not loaded by mindformers_peer.py")
+
+    Unavailable.__name__ = what
+    return Unavailable
+
+
+@functools.cache
+def load_converter() -> types.ModuleType:
+    """MindFormers' own `mindformers.models.llama.convert_weight`, loaded from its file."""
+    root = _package_dir()
+    _stand_in("mindformers", root).__version__ = importlib.metadata.version("mindformers")
+    _stand_in("mindformers.utils", root / "utils")
+    tools = _stand_in("mindformers.tools", root / "tools")
+    for what in ("MindFormerConfig", "MindFormerRegister", "MindFormerModuleType"):
+        setattr(tools, what, _unavailable(what))
+    _stand_in("mindformers.models", root / "models")
+    _stand_in("mindformers.models.llama", root / "models" / "llama")
+    _load_file("mindformers.utils.convert_utils", root / "utils" / "convert_utils.py")
+    return _load_file("mindformers.models.llama.convert_weight", root / "models" / "llama" / "convert_weight.py")
+
+
+def convert_llama(hf_dir: str, out_ckpt: str, dtype: str | None) -> dict:
+    import mindspore as ms
+
+    dtypes = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}  # the root script's --dtype
+    conv = load_converter()
+    Path(out_ckpt).parent.mkdir(parents=True, exist_ok=True)
+    conv.convert_pt_to_ms(input_path=hf_dir, output_path=out_ckpt, dtype=dtypes[dtype] if dtype else None)
+    print(flush=True)  # the converter ends its progress line with \r
+    if not Path(out_ckpt).is_file():
+        raise SystemExit(f"MindFormers' converter wrote no {out_ckpt}")
+    return {"output": out_ckpt}
+
+
+def batch(job_path: str, result_path: str) -> None:
+    import traceback
+
+    with open(job_path, encoding="utf-8") as f:
+        jobs = json.load(f)["jobs"]
+    results = []
+    for job in jobs:
+        try:
+            results.append(convert_llama(job["hf_dir"], job["out_ckpt"], job.get("dtype")))
+        except BaseException:  # SystemExit too: one bad job must not hide the others
+            results.append({"error": traceback.format_exc()})
+    with open(result_path, "w", encoding="utf-8") as f:
+        json.dump({**versions(), "results": results}, f)
+
+
+def versions() -> dict:
+    return {p: importlib.metadata.version(p) for p in ("mindformers", "mindspore", "transformers")}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("convert-llama", help="MindFormers' convert_pt_to_ms on a HF Llama directory")
+    c.add_argument("hf_dir")
+    c.add_argument("out_ckpt")
+    c.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None)
+    b = sub.add_parser("batch", help="many convert-llama jobs in one process")
+    b.add_argument("job_json")
+    b.add_argument("result_json")
+    sub.add_parser("version", help="print the installed versions")
+    args = ap.parse_args(argv)
+    if args.cmd == "batch":
+        return batch(args.job_json, args.result_json)
+    result = versions()
+    if args.cmd == "convert-llama":
+        result.update(convert_llama(args.hf_dir, args.out_ckpt, args.dtype))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

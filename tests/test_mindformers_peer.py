@@ -1,0 +1,223 @@
+"""weightport's HF -> MindSpore `.ckpt` against MindFormers' own Llama converter.
+
+The peer (tests/peers/mindformers_peer.py) runs `mindformers.models.llama.convert_weight.
+convert_pt_to_ms` unmodified on the same Hugging Face directory. Both files are read twice: with
+weightport's reader and with the real `mindspore.load_checkpoint`, and must agree name for name,
+in shape, dtype and every value. Beyond that, each serialized record (tag, dims, tensor_type,
+content) must be the same bytes in both files, and for untied models the whole files are identical:
+weightport writes in MindFormers' order (the HF `state_dict()`'s, layer by layer). With tied
+embeddings weightport writes lm_head right after the embedding it is tied to, MindFormers last.
+
+Importing transformers and mindspore costs most of a peer run, so every case is converted up
+front by one module fixture: one MindFormers process for all conversions, one MindSpore process
+for all loads. Each test then checks its own case (and reports its own failure).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import traceback
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import weightport
+from conftest import ROOT, build_hf, mindspore_python
+from weightport.io.ms_ckpt import TORCH_TO_MS, MsCkptFile
+
+PEER = ROOT / "tests" / "peers" / "mindformers_peer.py"
+
+# source dtype, weightport's dtype= (None: its default), the peer's --dtype, the tensor_type both write
+CASES = {
+    "fp32": (torch.float32, None, "fp32", "Float32"),
+    "bf16": (torch.float32, "bfloat16", "bf16", "BFloat16"),  # fp32 -> bf16 rounding, on both sides
+    "fp16": (torch.float32, "float16", "fp16", "Float16"),
+    "bf16-source": (torch.bfloat16, None, None, "BFloat16"),  # neither casts
+}
+LLAMA = [
+    ("llama2", "fp32"),
+    ("llama3", "fp32"), ("llama3", "bf16"), ("llama3", "fp16"), ("llama3", "bf16-source"),
+    ("llama3.2", "fp32"), ("llama3.2", "bf16"),  # tied embeddings
+]
+ALL = LLAMA + [("qwen2", "fp32")]
+
+
+class MindFormersPeer:
+    """MindFormers' own Llama converter through tests/peers/mindformers_peer.py, in a subprocess."""
+
+    def __init__(self, exe: str):
+        self.exe = exe
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+    def _run(self, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+        proc = subprocess.run([self.exe, str(PEER), *args], capture_output=True, text=True, cwd=cwd, env=self.env)
+        if proc.returncode != 0:  # the converter prints a failed from_pretrained to stdout
+            raise AssertionError(f"mindformers peer {args[0]} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        return proc
+
+    def convert(self, hf_dir: Path, out_ckpt: Path, dtype: str | None = None) -> dict:
+        """One conversion; returns the peer's JSON line (versions and output)."""
+        proc = self._run(["convert-llama", str(hf_dir), str(out_ckpt)] + (["--dtype", dtype] if dtype else []),
+                         Path(out_ckpt).parent)
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def convert_many(self, jobs: list[dict], workdir: Path) -> dict:
+        """Jobs {"hf_dir", "out_ckpt", "dtype"} in one process; {"results": [{"output"} | {"error"}], versions}."""
+        job, result = workdir / "mindformers_job.json", workdir / "mindformers_result.json"
+        job.write_text(json.dumps({"jobs": [{k: str(v) if isinstance(v, Path) else v for k, v in j.items()}
+                                            for j in jobs]}))
+        self._run(["batch", str(job), str(result)], workdir)
+        return json.loads(result.read_text())
+
+
+@pytest.fixture(scope="session")
+def mindformers_peer():
+    """MindFormers (installed with --no-deps beside mindspore, in the Python that has mindspore).
+    In CI it must be there."""
+    exe = mindspore_python()
+    probe = subprocess.run([exe, str(PEER), "version"], capture_output=True, text=True) if exe else None
+    if probe is None or probe.returncode != 0:
+        why = "mindspore missing" if probe is None else (probe.stderr.strip().splitlines() or ["?"])[-1]
+        if os.environ.get("CI"):
+            pytest.fail(f"mindformers peer unavailable in CI (`make test` must install mindformers): {why}")
+        pytest.skip(f"mindformers not installed ({why}); run `make test` to install it")
+    return MindFormersPeer(exe)
+
+
+def _weightport_view(path: Path) -> dict[str, tuple[list[int], str, torch.Tensor]]:
+    f = MsCkptFile(path)
+    try:
+        return {n: (list(shape), TORCH_TO_MS[dt], f.load(n)) for n, (shape, dt) in f.entries.items()}
+    finally:
+        f.close()
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, mindformers_peer, mindspore_peer) -> dict[tuple[str, str], dict]:
+    """Every case of ALL: the HF dir, both .ckpt files read by both readers, or how it failed."""
+    root = tmp_path_factory.mktemp("mindformers_peer")
+    cases, jobs = {}, []
+    for model, case in ALL:
+        src_dtype, wp_dtype, peer_dtype, _ = CASES[case]
+        d = root / f"{model}-{case}"
+        c = cases[model, case] = {"hf": build_hf(model, d / "hf", dtype=src_dtype),
+                                  "ours": d / "wp" / "model.ckpt", "theirs": d / "mf" / "model.ckpt"}
+        try:
+            weightport.convert(c["hf"], d / "wp", "mindspore", **({"dtype": wp_dtype} if wp_dtype else {}))
+        except Exception:
+            c["error"] = "weightport.convert failed:\n" + traceback.format_exc()
+        (d / "mf").mkdir()
+        jobs.append({"hf_dir": c["hf"], "out_ckpt": c["theirs"], "dtype": peer_dtype})
+
+    peer = mindformers_peer.convert_many(jobs, root)
+    for c, r in zip(cases.values(), peer["results"]):
+        c["versions"] = {k: peer[k] for k in ("mindformers", "mindspore", "transformers")}
+        if "error" in r:
+            c["error"] = c.get("error", "") + "\nMindFormers' converter failed:\n" + r["error"]
+
+    ops, where = [], []
+    for key, c in cases.items():
+        for side in ("ours", "theirs"):
+            if c[side].is_file():
+                c[f"wp_{side}"] = _weightport_view(c[side])
+                ops.append({"op": "load", "path": str(c[side]), "crc_check": False,
+                            "out_dir": str(c[side].parent / "ms_npy")})
+                where.append((key, side))
+    for (key, side), result in zip(where, mindspore_peer(ops, root)):
+        c = cases[key]
+        if "error" in result:
+            c["error"] = c.get("error", "") + f"\nmindspore.load_checkpoint({side}): {result['error']}"
+            continue
+        assert all(p["kind"] == "tensor" and p["param_name"] == p["name"] for p in result["params"])
+        c[f"ms_{side}"] = {p["name"]: (p["shape"], p["dtype"], np.load(p["npy"])) for p in result["params"]}
+    return cases
+
+
+def _records(path: Path) -> list[bytes]:
+    """The file's top-level records (`0x0A <varint len> Value`), as bytes; no CRC trailer."""
+    data = path.read_bytes()
+    end = len(data) - 17 if data[-17:-10] == b"crc_num" else len(data)
+    out, i = [], 0
+    while i < end:
+        assert data[i] == 0x0A, f"{path}: no record at byte {i}"
+        j, n, shift = i + 1, 0, 0
+        while True:
+            n |= (data[j] & 0x7F) << shift
+            shift += 7
+            j += 1
+            if data[j - 1] < 0x80:
+                break
+        out.append(data[i:j + n])
+        i = j + n
+    assert i == end, f"{path}: last record runs past the end"
+    return out
+
+
+def _case(converted, model: str, case: str) -> dict:
+    c = converted[model, case]
+    if "error" in c:
+        pytest.fail(c["error"], pytrace=False)
+    return c
+
+
+def _assert_same(ours: dict, theirs: dict, want_dtype: str, reader: str) -> None:
+    assert sorted(ours) == sorted(theirs), (
+        f"{reader}: only weightport {sorted(set(ours) - set(theirs))}, only MindFormers {sorted(set(theirs) - set(ours))}")
+    for name in theirs:
+        (s1, d1, v1), (s2, d2, v2) = ours[name], theirs[name]
+        assert (s1, d1) == (s2, d2) == (s2, want_dtype), f"{reader}: {name}: weightport {s1} {d1}, MindFormers {s2} {d2}"
+        same = torch.equal(v1, v2) if isinstance(v1, torch.Tensor) else np.array_equal(v1, v2)
+        assert same, f"{reader}: {name}: values differ"
+
+
+@pytest.mark.parametrize("model,case", LLAMA)
+def test_llama_ckpt_matches_mindformers_converter(converted, model, case):
+    c = _case(converted, model, case)
+    want = CASES[case][3]
+    _assert_same(c["wp_ours"], c["wp_theirs"], want, "weightport reader")
+    _assert_same(c["ms_ours"], c["ms_theirs"], want, "mindspore.load_checkpoint")
+    assert sorted(_records(c["ours"])) == sorted(_records(c["theirs"])), "same values, different record bytes"
+    cfg = json.loads((c["hf"] / "config.json").read_text())
+    if not cfg.get("tie_word_embeddings"):
+        assert c["ours"].read_bytes() == c["theirs"].read_bytes()
+
+    assert len(c["wp_theirs"]) == 3 + 9 * cfg["num_hidden_layers"], sorted(c["wp_theirs"])  # it wrote it all
+    if cfg.get("tie_word_embeddings"):  # absent from model.safetensors; both write it from the embedding
+        assert "lm_head.weight" not in load_file(c["hf"] / "model.safetensors")
+        assert torch.equal(c["wp_ours"]["lm_head.weight"][2], c["wp_ours"]["model.tok_embeddings.embedding_weight"][2])
+
+
+def test_qwen2_matches_except_the_qkv_bias_mindformers_llama_converter_drops(converted):
+    """MindFormers' Llama converter loads a Qwen2 directory as `LlamaForCausalLM`, whose config has
+    attention_bias=False, so transformers drops q/k/v biases as unexpected keys and they never
+    reach the .ckpt (MindFormers converts Qwen2 elsewhere). Everything else must still match."""
+    c = _case(converted, "qwen2", "fp32")
+    biases = {n for n in c["wp_ours"] if n.endswith(".bias")}
+    assert biases == {f"model.layers.{l}.attention.w{p}.bias" for l in range(2) for p in "qkv"}
+    assert not any(n.endswith(".bias") for n in c["wp_theirs"])
+    hf = load_file(c["hf"] / "model.safetensors")
+    for n in biases:
+        layer, p = n.split(".")[2], n.split(".")[4][1]
+        assert torch.equal(c["wp_ours"][n][2], hf[f"model.layers.{layer}.self_attn.{p}_proj.bias"]), n
+    for reader in ("wp", "ms"):
+        ours = {n: v for n, v in c[f"{reader}_ours"].items() if n not in biases}
+        _assert_same(ours, c[f"{reader}_theirs"], "Float32", reader)
+
+
+def test_single_conversion_command_line(tmp_path, mindformers_peer):
+    """The one-job form, `mindformers_peer.py convert-llama HF_DIR OUT_CKPT --dtype ...`."""
+    hf_dir = build_hf("llama3", tmp_path / "hf")
+    out = tmp_path / "mf" / "model.ckpt"
+    out.parent.mkdir()
+    info = mindformers_peer.convert(hf_dir, out, "bf16")
+    assert info["output"] == str(out) and info["mindformers"] and info["mindspore"]
+    view = _weightport_view(out)
+    assert {d for _, d, _ in view.values()} == {"BFloat16"}
+    src = load_file(hf_dir / "model.safetensors")
+    assert torch.equal(view["model.layers.0.attention.wq.weight"][2],
+                       src["model.layers.0.self_attn.q_proj.weight"].to(torch.bfloat16))
