@@ -16,6 +16,9 @@ One run of this script
                                                                   LitGPT ``convert_hf_checkpoint``
    LitGPT -> HF         ``cp -r LIT_DIR Y``                       ``weightport convert LIT HF_BACK --to hf``,
                                                                   LitGPT ``convert_lit_checkpoint``
+   HF -> MindSpore      ``cp -r HF_DIR X``                        ``weightport convert HF_DIR MS --to mindspore``,
+                                                                  MindFormers' llama ``convert_pt_to_ms``
+   MindSpore -> HF      ``cp -r MS Y``                            ``weightport convert MS HF_BACK --to hf``
    ===================  ========================================  =========================================
 
 3. checks with ``weightport verify --tensors-only`` (timed and measured too) that the converted
@@ -71,6 +74,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import shutil
 import struct
 import subprocess
@@ -379,9 +383,11 @@ class Sampler(threading.Thread):
     """Polls /proc/PID/status at 10 Hz for the peak anonymous / file-backed RSS of the direct
     child. (ru_maxrss is exact but cannot tell an anonymous buffer from a touched mmap page.)"""
 
-    def __init__(self, pid: int):
+    def __init__(self, pid: int, limit_kib: int | None = None):
         super().__init__(daemon=True)
         self.pid, self.stop, self.anon_kib, self.file_kib = pid, threading.Event(), 0, 0
+        # a tool that would exhaust the machine is stopped here and reported, not left to the OOM killer
+        self.limit_kib, self.killed = limit_kib, False
 
     def run(self) -> None:
         path = f"/proc/{self.pid}/status"
@@ -395,6 +401,12 @@ class Sampler(threading.Thread):
                             self.file_kib = max(self.file_kib, int(line.split()[1]))
             except (OSError, ValueError, IndexError):
                 pass
+            if self.limit_kib and self.anon_kib > self.limit_kib and not self.killed:
+                self.killed = True
+                try:
+                    os.kill(self.pid, signal.SIGKILL)
+                except OSError:
+                    pass
             self.stop.wait(0.1)
 
 
@@ -415,20 +427,21 @@ class Runner:
                 f"{(nbytes + self.margin) / GIB:.1f} GiB (incl. {self.margin / GIB:.1f} GiB margin), "
                 f"have {free / GIB:.1f} GiB. Free some space or use --workdir on a bigger disk.")
 
-    def measure(self, label: str, argv: list[str], inputs: Path, prime: list[list[str]], output: Path) -> dict:
+    def measure(self, label: str, argv: list[str], inputs, prime: list[list[str]], output: Path,
+                limit_kib: int | None = None) -> dict:
         """Run argv ``--repeat`` times (deleting ``output`` between runs). Returns the run with the
         median wall+sync time, with the peak RSS of the worst run, and all runs under "runs"."""
         runs: list[dict] = []
         for k in range(self.repeat):
             if k:
                 rm(output)
-            runs.append(self._once(label + (f" #{k + 1}" if self.repeat > 1 else ""), argv, inputs, prime))
+            runs.append(self._once(label + (f" #{k + 1}" if self.repeat > 1 else ""), argv, inputs, prime, limit_kib))
             if runs[-1]["rc"] != 0:
                 return dict(runs[-1], runs=runs)
         med = sorted(runs, key=lambda r: r["total"])[(len(runs) - 1) // 2]
         return dict(med, runs=runs, **{k: max(r[k] for r in runs) for k in ("maxrss_kib", "anon_kib", "file_kib")})
 
-    def _once(self, label: str, argv: list[str], inputs: Path, prime: list[list[str]]) -> dict:
+    def _once(self, label: str, argv: list[str], inputs, prime: list[list[str]], limit_kib: int | None = None) -> dict:
         """Run argv once with ``inputs`` evicted from the page cache and the tool's code primed
         by the (unmeasured) ``prime`` commands; return wall/sync time, peak RSS, exit status."""
         logf = self.logs / (label.replace(" ", "_").replace("/", "-").replace("#", "") + ".log")
@@ -443,7 +456,7 @@ class Runner:
         with open(logf, "wb") as out:
             t0 = time.perf_counter()
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-            sampler = Sampler(proc.pid)
+            sampler = Sampler(proc.pid, limit_kib)
             sampler.start()
             _pid, status, ru = os.wait4(proc.pid, 0)
             t1 = time.perf_counter()
@@ -454,7 +467,8 @@ class Runner:
         sampler.join()
         r = dict(label=label, argv=argv, rc=proc.returncode, wall=t1 - t0, sync=t2 - t1,
                  total=t2 - t0, maxrss_kib=ru.ru_maxrss, anon_kib=sampler.anon_kib,
-                 file_kib=sampler.file_kib, user=ru.ru_utime, sys=ru.ru_stime, log=str(logf))
+                 file_kib=sampler.file_kib, user=ru.ru_utime, sys=ru.ru_stime, log=str(logf),
+                 killed_at_limit=sampler.killed)
         msg = (f"  -> rc={r['rc']} wall={r['wall']:.2f}s +sync {r['sync']:.2f}s "
                f"peak RSS {r['maxrss_kib'] / 2**20:.2f} GiB (anon {r['anon_kib'] / 2**20:.2f} GiB)")
         log(msg)
@@ -591,7 +605,7 @@ def run_benchmark(args) -> None:
         f"{facts['disk_free_gib']:.1f} GiB free")
     out.mkdir(parents=True)
     results: dict = {"scale": args.scale, "repeat": args.repeat, "model_bytes": mbytes, "facts": facts, "hf2lit": {},
-                     "lit2hf": {}, "verify": {}, "notes": []}
+                     "lit2hf": {}, "ms": {}, "verify": {}, "notes": []}
     try:
         # 1. The source checkpoint (reused if a previous --keep run left a complete one).
         if have_hf:
@@ -695,6 +709,12 @@ def run_benchmark(args) -> None:
                         runner, wp, prime_wp, "lit2hf-litgpt", hf_dir, lit_back, ("hf", "hf"))
                 rm(lit_back)
                 rm(lit_in)
+
+        # 4. HF -> MindSpore .ckpt (weightport, MindFormers' own converter) -> HF (weightport)
+        if not args.skip_mindspore:
+            if lit_dir is not None:
+                rm(lit_dir)  # done with it; the disk is needed for two .ckpt files
+            run_mindspore(runner, args, results, hf_dir, out, wp, prime_wp, mbytes)
     finally:
         results["facts"]["disk_free_gib_end"] = shutil.disk_usage(workdir).free / GIB
         if not args.keep:
@@ -707,6 +727,54 @@ def run_benchmark(args) -> None:
     args.output.write_text(report)
     log(f"wrote {args.output} (raw numbers: {workdir / f'results-{args.scale}.json'})")
     print(report)
+
+
+# MindFormers' converter holds the whole model at least twice; past this it is stopped and
+# reported instead of pushing the machine into the OOM killer
+MEMORY_GUARD_KIB = 20 * 2**20
+
+
+def run_mindspore(runner: Runner, args, results: dict, hf_dir: Path, out: Path, wp: list[str],
+                  prime_wp: list[list[str]], mbytes: int) -> None:
+    r = results["ms"]
+    py = args.torch_python
+    ms_wp, back = out / "ms-weightport", out / "hf-from-ms"
+    if not args.skip_weightport:
+        runner.need_space(mbytes, "weightport's .ckpt")
+        r["hf2ms weightport"] = runner.measure("hf2ms weightport", wp + ["convert", str(hf_dir), str(ms_wp), "--to",
+                                                                          "mindspore"], hf_dir, prime_wp, ms_wp)
+    if not args.skip_mindformers:
+        ref_dir = out / "ms-mindformers"
+        ref_dir.mkdir()
+        runner.need_space(mbytes, "MindFormers' .ckpt")
+        peer = [py, str(REPO / "tests" / "peers" / "mindformers_peer.py"), "convert-llama", str(hf_dir),
+                str(ref_dir / "model.ckpt")]
+        r["hf2ms mindformers"] = runner.measure("hf2ms mindformers", peer, hf_dir,
+                                                [[py, "-c", "import mindspore, transformers"]], ref_dir / "model.ckpt",
+                                                limit_kib=MEMORY_GUARD_KIB)
+        ok = r["hf2ms mindformers"]["rc"] == 0 and (ms_wp / "model.ckpt").is_file()
+        if args.verify and ok:
+            shutil.copy(hf_dir / "config.json", ref_dir / "config.json")  # MindFormers writes the .ckpt alone
+            results["verify"]["weightport's .ckpt vs MindFormers'"] = verify(
+                runner, wp, prime_wp, "hf2ms-mindformers", ref_dir, ms_wp, ("mindspore", "mindspore"))
+        rm(ref_dir)
+    if not (ms_wp / "model.ckpt").is_file():
+        return
+    if args.verify:
+        results["verify"]["weightport's .ckpt vs the source HF"] = verify(
+            runner, wp, prime_wp, "hf2ms", hf_dir, ms_wp, ("hf", "mindspore"))
+    runner.need_space(mbytes, "cp -r of the .ckpt directory")
+    r["cp .ckpt"] = runner.measure("ms2hf cp", ["cp", "-r", str(ms_wp), str(out / "cp-ms")], ms_wp, [["cp", "--version"]],
+                                   out / "cp-ms")
+    rm(out / "cp-ms")
+    runner.need_space(mbytes, "weightport's HF output from the .ckpt")
+    r["ms2hf weightport"] = runner.measure("ms2hf weightport", wp + ["convert", str(ms_wp), str(back), "--to", "hf"],
+                                           ms_wp, prime_wp, back)
+    if args.verify and r["ms2hf weightport"]["rc"] == 0:
+        results["verify"]["weightport's HF output from the .ckpt vs the source HF"] = verify(
+            runner, wp, prime_wp, "ms2hf", hf_dir, back, ("hf", "hf"))
+    rm(back)
+    rm(ms_wp)
 
 
 # --------------------------------------------------------------------------------------------
@@ -770,25 +838,9 @@ def render_report(res: dict, args) -> str:
         if not r:
             L.append("Not run. " + " ".join(res["notes"]) + "\n")
             continue
-        L.append("| tool | wall s | sync after s | wall+sync s | × `cp -r` | peak RSS GiB | peak anon RSS GiB (10 Hz) | user+sys CPU s |")
-        L.append("|---|---:|---:|---:|---:|---:|---:|---:|")
         cp = r.get("cp")
         names = {"cp": "`cp -r`", "weightport": "weightport", "litgpt": "LitGPT"}
-        for tool in ("cp", "weightport", "litgpt"):
-            m = r.get(tool)
-            if m is None:
-                L.append(f"| {names[tool]} | skipped | | | | | | |")
-                continue
-            if m["rc"] != 0:
-                L.append(f"| {names[tool]} | **failed** (exit {m['rc']}, log `{Path(m['log']).name}`) | | | | | | |")
-                continue
-            ratio = f"{m['total'] / cp['total']:.2f}" if cp and cp["rc"] == 0 else "?"
-            tot = f"{m['total']:.1f}"
-            if len(m.get("runs", [])) > 1:
-                ts = [x["total"] for x in m["runs"]]
-                tot += f" ({min(ts):.1f}–{max(ts):.1f})"
-            L.append(f"| {names[tool]} | {m['wall']:.1f} | {m['sync']:.1f} | {tot} | {ratio} | "
-                     f"{gib(m['maxrss_kib']):.2f} | {gib(m['anon_kib']):.2f} | {m['user'] + m['sys']:.1f} |")
+        L += _table([(names[tool], r.get(tool), cp) for tool in ("cp", "weightport", "litgpt")])
         wpm, ltm = r.get("weightport"), r.get("litgpt")
         ok = lambda m: m is not None and m["rc"] == 0  # noqa: E731
         v = verdicts[key] = {}
@@ -802,6 +854,29 @@ def render_report(res: dict, args) -> str:
             L.append(f"\nweightport vs LitGPT: **{v['speedup_vs_litgpt']:.2f}× faster** (wall+sync), "
                      f"**{v['rss_vs_litgpt']:.2f}× less peak RSS**.")
         L.append("")
+
+    ms = res.get("ms") or {}
+    if ms:
+        L.append("## HF → MindSpore `.ckpt` → HF\n")
+        hf_cp, ms_cp = res["hf2lit"].get("cp"), ms.get("cp .ckpt")
+        L += _table([("`cp -r` of the HF directory (from the first section)", hf_cp, hf_cp),
+                     ("weightport HF → .ckpt", ms.get("hf2ms weightport"), hf_cp),
+                     ("MindFormers `convert_weight` (llama) HF → .ckpt", ms.get("hf2ms mindformers"), hf_cp),
+                     ("`cp -r` of the .ckpt directory", ms_cp, ms_cp),
+                     ("weightport .ckpt → HF", ms.get("ms2hf weightport"), ms_cp)])
+        for key, text in (("hf2ms weightport", "HF → .ckpt"), ("ms2hf weightport", ".ckpt → HF")):
+            m = ms.get(key)
+            if m and m["rc"] == 0:
+                peak = m["maxrss_kib"] / 2**20
+                L.append(f"- weightport {text} peak RSS ≤ 2 GiB: {peak:.2f} GiB — {'met' if peak <= 2 else '**missed**'}")
+        mf = ms.get("hf2ms mindformers")
+        if mf and mf.get("killed_at_limit"):
+            L.append(f"\nMindFormers' converter was stopped when its anonymous memory passed "
+                     f"{MEMORY_GUARD_KIB / 2**20:.0f} GiB (it loads the whole model with transformers, then "
+                     "builds every MindSpore tensor before saving), so it has no time.")
+        L.append("\nMindFormers' converter is run by `tests/peers/mindformers_peer.py` (mindformers 2.0.0's "
+                 "unmodified `convert_pt_to_ms`, with MindSpore 2.10). It has no reverse direction to compare with "
+                 "that writes a Hugging Face checkpoint.\n")
 
     L.append("## Targets\n")
     L.append("| target | HF → LitGPT | LitGPT → HF |\n|---|---|---|")
@@ -841,6 +916,30 @@ def render_report(res: dict, args) -> str:
     L.append("## Method\n")
     L.append(textwrap_method(res))
     return "\n".join(L) + "\n"
+
+
+def _table(rows: list[tuple[str, dict | None, dict | None]]) -> list[str]:
+    """Markdown rows of (name, measurement, the cp -r measurement its ratio is against)."""
+    gib = lambda kib: kib / 2**20  # noqa: E731
+    L = ["| tool | wall s | sync after s | wall+sync s | × `cp -r` | peak RSS GiB | peak anon RSS GiB (10 Hz) | user+sys CPU s |",
+         "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, m, cp in rows:
+        if m is None:
+            L.append(f"| {name} | skipped | | | | | | |")
+            continue
+        if m["rc"] != 0:
+            why = "stopped at the memory guard" if m.get("killed_at_limit") else f"exit {m['rc']}"
+            L.append(f"| {name} | **failed** ({why}, log `{Path(m['log']).name}`) | | | | "
+                     f"{gib(m['maxrss_kib']):.2f} | {gib(m['anon_kib']):.2f} | |")
+            continue
+        ratio = f"{m['total'] / cp['total']:.2f}" if cp and cp["rc"] == 0 else "?"
+        tot = f"{m['total']:.1f}"
+        if len(m.get("runs", [])) > 1:
+            ts = [x["total"] for x in m["runs"]]
+            tot += f" ({min(ts):.1f}–{max(ts):.1f})"
+        L.append(f"| {name} | {m['wall']:.1f} | {m['sync']:.1f} | {tot} | {ratio} | "
+                 f"{gib(m['maxrss_kib']):.2f} | {gib(m['anon_kib']):.2f} | {m['user'] + m['sys']:.1f} |")
+    return L
 
 
 def textwrap_method(res: dict) -> str:
@@ -901,6 +1000,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true",
                    help="keep the generated checkpoint and outputs (a kept checkpoint is reused next run)")
     p.add_argument("--skip-litgpt", action="store_true", help="do not run LitGPT's converters")
+    p.add_argument("--skip-mindspore", action="store_true", help="do not run the HF -> MindSpore .ckpt -> HF section")
+    p.add_argument("--skip-mindformers", action="store_true", help="do not run MindFormers' own converter")
     p.add_argument("--skip-weightport", action="store_true", help="do not run weightport")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the (untimed) bit-exactness checks of the outputs")
