@@ -875,8 +875,9 @@ def render_report(res: dict, args) -> str:
                      f"{MEMORY_GUARD_KIB / 2**20:.0f} GiB (it loads the whole model with transformers, then "
                      "builds every MindSpore tensor before saving), so it has no time.")
         L.append("\nMindFormers' converter is run by `tests/peers/mindformers_peer.py` (mindformers 2.0.0's "
-                 "unmodified `convert_pt_to_ms`, with MindSpore 2.10). It has no reverse direction to compare with "
-                 "that writes a Hugging Face checkpoint.\n")
+                 "unmodified `convert_pt_to_ms`, with MindSpore 2.10). Only its forward converter is run; its reverse "
+                 "(`convert_ms_to_pt`, which writes a bare torch pickle rather than a Hugging Face checkpoint) is not "
+                 "benchmarked.\n")
 
     L.append("## Targets\n")
     L.append("| target | HF → LitGPT | LitGPT → HF |\n|---|---|---|")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +114,22 @@ class Format:
                        layout: str | None = None) -> list[str]:
         """Config, tokenizer and other non-tensor files; returns the names written."""
         raise NotImplementedError
+
+
+def write_hf_sidecar(directory: Path, source: Checkpoint, model: Model) -> list[str]:
+    """config.json (the hub's config, exact), generation_config.json and the tokenizer files that
+    formats with configs of their own keep beside their weights, so reading back loses nothing."""
+    _write_json(directory / "config.json", dict(model.config, architectures=[model.arch.hf_class]))
+    written = ["config.json"]
+    if source.generation_config is not None:
+        _write_json(directory / "generation_config.json", source.generation_config)
+        written.append("generation_config.json")
+    return written + copy_side_files(source.side_files, directory)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
 
 
 def copy_side_files(files: list[Path], directory: Path, skip: set[str] = frozenset()) -> list[str]:

@@ -7,7 +7,6 @@ reliable way to tell them apart (for MHA the shapes are identical), so detection
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from ..io import open_files
 from ..io.torch_file import TorchZipWriter
 from ..ops import Chain, Concat, GroupInterleave, Identity, Split, Tie
 from ..rules import Rule, expand, rename
-from .base import Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions, copy_side_files, find_side_files
+from .base import Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions, find_side_files, write_hf_sidecar
 from .litgpt_config import LEGACY_KEYS, to_hf, to_litgpt
 
 WEIGHTS = "lit_model.pth"
@@ -157,16 +156,7 @@ class LitGPTFormat(Format):
         lit = to_litgpt(model)
         with open(directory / CONFIG, "w", encoding="utf-8") as f:
             yaml.safe_dump(lit, f)
-        hf = dict(model.config)
-        hf["architectures"] = [model.arch.hf_class]
-        with open(directory / "config.json", "w", encoding="utf-8") as f:
-            json.dump(hf, f, indent=2, sort_keys=True)
-        written = [CONFIG, "config.json"]
-        if source.generation_config is not None:
-            with open(directory / "generation_config.json", "w", encoding="utf-8") as f:
-                json.dump(source.generation_config, f, indent=2, sort_keys=True)
-            written.append("generation_config.json")
-        return written + copy_side_files(source.side_files, directory)
+        return [CONFIG] + write_hf_sidecar(directory, source, model)
 
 
 def _stored_tied(source) -> bool:

@@ -9,7 +9,6 @@ detected on read (see LAYOUTS).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from ..io import open_files
 from ..io.ms_ckpt import MsCkptWriter
 from ..ops import Chain, Concat, GroupInterleave, Stack, Tie
 from ..rules import Rule, expand, rename
-from .base import Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions, copy_side_files, find_side_files
+from .base import Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions, find_side_files, write_hf_sidecar
 from .mindformers_config import TRAINING_STATE, from_mindformers, to_mindformers
 
 WEIGHTS = "model.ckpt"
@@ -171,15 +170,7 @@ class MindSporeFormat(Format):
         layout = layout or "separate"
         with open(directory / YAML, "w", encoding="utf-8") as f:
             yaml.safe_dump(to_mindformers(model, dtype, layout), f, sort_keys=False)
-        hf = dict(model.config, architectures=[model.arch.hf_class])
-        with open(directory / "config.json", "w", encoding="utf-8") as f:
-            json.dump(hf, f, indent=2, sort_keys=True)
-        written = [YAML, "config.json"]
-        if source.generation_config is not None:
-            with open(directory / "generation_config.json", "w", encoding="utf-8") as f:
-                json.dump(source.generation_config, f, indent=2, sort_keys=True)
-            written.append("generation_config.json")
-        return written + copy_side_files(source.side_files, directory)
+        return [YAML] + write_hf_sidecar(directory, source, model)
 
 
 def _generation(directory: Path) -> dict | None:
