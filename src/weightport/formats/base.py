@@ -116,20 +116,23 @@ class Format:
         raise NotImplementedError
 
 
-def write_hf_sidecar(directory: Path, source: Checkpoint, model: Model) -> list[str]:
-    """config.json (the hub's config, exact), generation_config.json and the tokenizer files that
-    formats with configs of their own keep beside their weights, so reading back loses nothing."""
-    _write_json(directory / "config.json", dict(model.config, architectures=[model.arch.hf_class]))
+def write_hf_sidecar(directory: Path, source: Checkpoint, model: Model, config: dict | None = None) -> list[str]:
+    """config.json (the hub's config, exact, or `config` when given), generation_config.json and
+    the tokenizer files: all of the hf format's metadata, and what formats with configs of their
+    own keep beside their weights so reading back loses nothing."""
+    config = dict(model.config) if config is None else config
+    write_json(directory / "config.json", dict(config, architectures=[model.arch.hf_class]))
     written = ["config.json"]
     if source.generation_config is not None:
-        _write_json(directory / "generation_config.json", source.generation_config)
+        write_json(directory / "generation_config.json", source.generation_config)
         written.append("generation_config.json")
     return written + copy_side_files(source.side_files, directory)
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 def copy_side_files(files: list[Path], directory: Path, skip: set[str] = frozenset()) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -14,7 +13,8 @@ from ..hf_config import load_json
 from ..io import open_files
 from ..io.safetensors_file import SafetensorsStreamWriter
 from ..rules import Rule, identity_rules
-from .base import Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions, copy_side_files, find_side_files
+from .base import (Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions, find_side_files, write_hf_sidecar,
+                   write_json)
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -98,24 +98,9 @@ class HFFormat(Format):
 
     def write_metadata(self, directory: Path, source: Checkpoint, model: Model, dtype: torch.dtype,
                        layout: str | None = None) -> list[str]:
-        config = dict(model.config)
-        config["architectures"] = [model.arch.hf_class]
-        config.pop("torch_dtype", None)
-        config["dtype"] = short_name(dtype)
         # transformers 4.x reads torch_dtype; 5.x reads dtype and still accepts torch_dtype
-        config["torch_dtype"] = short_name(dtype)
-        _write_json(directory / "config.json", config)
-        written = ["config.json"]
-        if source.generation_config is not None:
-            _write_json(directory / "generation_config.json", source.generation_config)
-            written.append("generation_config.json")
-        return written + copy_side_files(source.side_files, directory)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
+        config = dict(model.config, dtype=short_name(dtype), torch_dtype=short_name(dtype))
+        return write_hf_sidecar(directory, source, model, config)
 
 
 class ShardedSafetensorsWriter(Writer):
@@ -159,7 +144,7 @@ class ShardedSafetensorsWriter(Writer):
         if len(self.files) > 1:
             total = sum(f.nbytes for f in self.files)
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(self._written.items()))}
-            _write_json(self.directory / SAFE_INDEX, index)
+            write_json(self.directory / SAFE_INDEX, index)
 
     def abort(self):
         if self._current is not None:
