@@ -129,11 +129,11 @@ def test_fused_layout_is_detected_and_overridable(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert verify(hf_dir, tmp_path / "back", tensors_only=True).equivalent
     bad = run_cli("convert", ms, tmp_path / "bad", "--to", "hf", "--from-layout", "separate")
-    assert bad.stderr == (f"weightport: error: {ms / 'model.ckpt'}: holds fused w_qkv / w_gate_hidden, so its "
-                          "layout is fused or fused-interleaved, not separate\n")
+    assert bad.stderr == (f"weightport: error: {ms / 'model.ckpt'}: its names and shapes are those of layout "
+                          "fused-interleaved or fused, not separate\n")
     bad = run_cli("convert", hf_dir, tmp_path / "bad", "--to", "mindspore", "--layout", "zigzag")
     assert bad.stderr == ("weightport: error: format mindspore has no layout 'zigzag' (choose one of separate, "
-                          "fused, fused-interleaved)\n")
+                          "fused, fused-interleaved, gmm)\n")
 
 
 def test_training_checkpoint_state_is_dropped_and_yaml_alone_suffices(tmp_path):

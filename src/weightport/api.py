@@ -43,9 +43,13 @@ def _check_output(src: Path, out: Path, force: bool) -> None:
 
 def plan_conversion(src: str | Path, out: str | Path, to: str, *, source_format: str | None = None,
                     dtype: str | torch.dtype | None = "auto", max_shard_size: str | int = "5GB",
-                    layout: str | None = None, source_layout: str | None = None) -> Plan:
+                    layout: str | None = None, source_layout: str | None = None,
+                    container: str | None = None) -> Plan:
     target = formats.get(to)
     _check_layout(target, layout)
+    if container is not None and container not in target.containers:
+        choices = f"choose one of {', '.join(target.containers)}" if target.containers else "it has only one"
+        raise WeightportError(f"format {target.name} has no container {container!r} ({choices})")
     ckpt = open_checkpoint(src, source_format, source_layout)
     try:
         if isinstance(dtype, str):
@@ -53,7 +57,8 @@ def plan_conversion(src: str | Path, out: str | Path, to: str, *, source_format:
         size = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
         if ckpt.model.arch.name not in target.archs:
             raise WeightportError(f"format {target.name} does not support {ckpt.model.arch.name}")
-        return build_plan(ckpt, target, Path(out), dtype, WriteOptions(max_shard_size=size, layout=layout))
+        return build_plan(ckpt, target, Path(out), dtype, WriteOptions(max_shard_size=size, layout=layout,
+                                                                      container=container))
     except BaseException:
         ckpt.close()
         raise
@@ -62,14 +67,14 @@ def plan_conversion(src: str | Path, out: str | Path, to: str, *, source_format:
 def convert(src: str | Path, out: str | Path, to: str, *, source_format: str | None = None,
             dtype: str | torch.dtype | None = "auto", max_shard_size: str | int = "5GB", force: bool = False,
             allow_overflow: bool = False, dry_run: bool = False, progress: bool = False,
-            layout: str | None = None, source_layout: str | None = None) -> Plan:
+            layout: str | None = None, source_layout: str | None = None, container: str | None = None) -> Plan:
     """Convert the checkpoint at `src` into format `to` at `out`; returns the executed plan."""
     src, out = Path(src), Path(out)
     if not src.exists():
         raise WeightportError(f"{src}: no such file or directory")
     _check_output(src, out, force)
     plan = plan_conversion(src, out, to, source_format=source_format, dtype=dtype, max_shard_size=max_shard_size,
-                           layout=layout, source_layout=source_layout)
+                           layout=layout, source_layout=source_layout, container=container)
     try:
         if not dry_run:
             execute(plan, force=force, allow_overflow=allow_overflow, progress=progress)

@@ -202,6 +202,29 @@ class Transpose(Op):
 
 
 @dataclass(frozen=True)
+class Each(Op):
+    """One single-tensor op applied to each of n tensors."""
+
+    op: Op
+    n: int
+
+    def forward(self, xs):
+        return [self.op.forward([x])[0] for x in xs]
+
+    def inverse(self, ys):
+        return [self.op.inverse([y])[0] for y in ys]
+
+    def forward_shapes(self, shapes):
+        return [self.op.forward_shapes([s])[0] for s in shapes]
+
+    def inverse_shapes(self, shapes):
+        return [self.op.inverse_shapes([s])[0] for s in shapes]
+
+    def __str__(self):
+        return f"each({self.op})"
+
+
+@dataclass(frozen=True)
 class Stack(Op):
     """n same-shaped tensors (e.g. one per expert) -> one with a new leading dim."""
 

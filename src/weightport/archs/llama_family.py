@@ -100,3 +100,4 @@ GEMMA = Arch("gemma", "GemmaForCausalLM", "gemma", "Gemma (1)",
              lambda c: _dims(c, tied_default=True), _plain_tensors, _INV_FREQ)
 
 ARCHS = (LLAMA, MISTRAL, MIXTRAL, QWEN2, PHI3, GEMMA)
+NAMES = tuple(a.name for a in ARCHS)

@@ -71,6 +71,8 @@ class WriteOptions:
     max_shard_size: int = 5 * 10**9
     # a format's tensor layout variant (Format.layouts), None for its default
     layout: str | None = None
+    # a format's file container (Format.containers), None for its default
+    container: str | None = None
 
 
 class Writer:
@@ -93,6 +95,8 @@ class Format:
     archs: tuple[str, ...] = ()
     # layout variants a format can be read and written in; the first is the default
     layouts: tuple[str, ...] = ()
+    # file containers a format can write its tensors in; the first is the default
+    containers: tuple[str, ...] = ()
 
     def detect(self, path: Path) -> bool:
         raise NotImplementedError

@@ -11,7 +11,7 @@ from ..dtypes import short_name
 from ..errors import WeightportError
 from ..hf_config import load_json
 from ..io import open_files
-from ..io.safetensors_file import SafetensorsStreamWriter
+from ..io.safetensors_file import SafetensorsStreamWriter, safetensors_metadata
 from ..rules import Rule, identity_rules
 from .base import (Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions, find_side_files, write_hf_sidecar,
                    write_json)
@@ -51,9 +51,12 @@ class HFFormat(Format):
     archs = tuple(ARCHS)
 
     def detect(self, path: Path) -> bool:
-        return path.is_dir() and (path / "config.json").is_file() and any(
-            (path / n).is_file() for n in (SAFE_INDEX, BIN_INDEX, "model.safetensors", "pytorch_model.bin")
-        ) or (path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors")))
+        if not (path.is_dir() and (path / "config.json").is_file()):
+            return False
+        if any((path / n).is_file() for n in (SAFE_INDEX, BIN_INDEX, "pytorch_model.bin")):
+            return True
+        # MindSpore writes safetensors too, marked format "ms"; those are the mindspore format's
+        return any(safetensors_metadata(p).get("format") != "ms" for p in path.glob("*.safetensors"))
 
     def open(self, path: Path, layout: str | None = None) -> Checkpoint:
         config_path = path / "config.json"
@@ -106,8 +109,9 @@ class HFFormat(Format):
 class ShardedSafetensorsWriter(Writer):
     """Shards written in sequence; the index lists exactly what was written."""
 
-    def __init__(self, directory: Path, files: list[OutputFile]):
+    def __init__(self, directory: Path, files: list[OutputFile], metadata: dict[str, str] | None = None):
         self.directory = directory
+        self.metadata = metadata or {"format": "pt"}
         self.files = files
         self._shard_of = {t.name: i for i, f in enumerate(files) for t in f.tensors}
         self._current: SafetensorsStreamWriter | None = None
@@ -119,7 +123,7 @@ class ShardedSafetensorsWriter(Writer):
             self._current.close()
         f = self.files[i]
         self._current = SafetensorsStreamWriter(
-            self.directory / f.name, [(t.name, t.shape, t.dtype) for t in f.tensors], {"format": "pt"})
+            self.directory / f.name, [(t.name, t.shape, t.dtype) for t in f.tensors], self.metadata)
         self._current_index = i
 
     def write_group(self, names, tensors):

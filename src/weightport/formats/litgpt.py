@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..archs import ARCHS, Model, model_from_hf_config
+from ..archs import Model, model_from_hf_config
+from ..archs.llama_family import NAMES as LLAMA_FAMILY
 from ..errors import WeightportError
 from ..hf_config import load_json
 from ..io import open_files
@@ -98,7 +99,7 @@ def _same_dims(a: Model, b: Model) -> bool:
 class LitGPTFormat(Format):
     name = "litgpt"
     title = "LitGPT (lit_model.pth + model_config.yaml; reads legacy lit-gpt interleaved qkv)"
-    archs = tuple(ARCHS)
+    archs = LLAMA_FAMILY
 
     def detect(self, path: Path) -> bool:
         directory = path if path.is_dir() else path.parent

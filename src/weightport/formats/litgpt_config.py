@@ -10,6 +10,7 @@ prefix LitGPT expects for the architecture.
 from __future__ import annotations
 
 from ..archs import ARCHS, Model
+from ..archs.llama_family import NAMES as LLAMA_FAMILY
 from ..errors import WeightportError
 from ..hf_config import partial_rotary_factor, rope_scaling, rope_theta, set_rope
 
@@ -122,7 +123,7 @@ def arch_of_litgpt(lit: dict) -> str:
     if mlp != "LLaMAMLP" or lit.get("norm_class_name") != "RMSNorm" or lit.get("parallel_residual", True):
         raise WeightportError(
             f"LitGPT config {name!r} (mlp_class_name={mlp}, norm_class_name={lit.get('norm_class_name')}) "
-            "is not a Llama-family model; supported: " + ", ".join(ARCHS))
+            "is not a Llama-family model; supported: " + ", ".join(LLAMA_FAMILY))
     if name.lower().startswith("phi-3"):
         return "phi3"
     if lit.get("attn_bias") and not lit.get("bias"):

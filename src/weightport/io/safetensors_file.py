@@ -23,6 +23,19 @@ from .pread import RangeFile
 _MAX_HEADER = 100 * 2**20
 
 
+def safetensors_metadata(path: Path) -> dict:
+    """The header's __metadata__, or {} when the file is not readable safetensors (for detection)."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > _MAX_HEADER:
+                return {}
+            meta = json.loads(f.read(n)).get("__metadata__")
+    except (OSError, struct.error, ValueError, AttributeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 class SafetensorsFile(RangeFile):
     """An open .safetensors file: names, shapes and dtypes from the header; data on demand."""
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from ..archs import Model
-from ..errors import WeightportError
-from ..hf_config import rope_scaling, rope_theta, set_rope
+from ...archs import Model
+from ...errors import WeightportError
+from ...hf_config import rope_scaling, rope_theta, set_rope
 
 # non-weight records of MindFormers training checkpoints (CheckpointMonitor's append_dict)
 TRAINING_STATE = frozenset({"global_step", "epoch_num", "step_num", "loss_scale", "scale_sense",
@@ -40,7 +40,7 @@ def to_mindformers(model: Model, dtype: torch.dtype, layout: str) -> dict:
         "pad_token_id": cfg.get("pad_token_id"),
         "tie_word_embeddings": d.tied,
         "qkv_has_bias": model.arch.name == "qwen2",
-        "qkv_concat": layout != "separate",
+        "qkv_concat": layout.startswith("fused"),
         "compute_dtype": _MS_DTYPES.get(dtype, "float32"),
         "param_init_type": _MS_DTYPES.get(dtype, "float32"),
     }
@@ -54,7 +54,8 @@ def to_mindformers(model: Model, dtype: torch.dtype, layout: str) -> dict:
     model_block = {"model_config": mc, "arch": {"type": "LlamaForCausalLM"}}
     out = {"model": model_block, "weightport": {"layout": layout, "hf_architecture": model.arch.hf_class}}
     if d.n_expert:
-        mc["moe_config"] = {"expert_num": d.n_expert, "num_experts_chosen": cfg.get("num_experts_per_tok", 2)}
+        mc["moe_config"] = {"expert_num": d.n_expert, "num_experts_chosen": cfg.get("num_experts_per_tok", 2),
+                            "use_gmm": layout == "gmm"}
     return out
 
 
