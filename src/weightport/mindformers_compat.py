@@ -17,15 +17,14 @@ from pathlib import Path
 
 from . import api
 from .errors import WeightportError
+from .formats.mindformers import NAME_SETS
 
 # MindFormers --model keys we convert, and the Hugging Face architectures each accepts
-MODELS = {
-    "llama": ("llama",), "codellama": ("llama",), "yi": ("llama",), "deepseek": ("llama",),
-    "qwen2": ("qwen2",), "qwen2_5": ("qwen2",), "mixtral": ("mixtral",),
-}
+MODELS = {key: ns.archs for ns in NAME_SETS for key in ns.keys}
 # keys of MindFormers' conversion table that weightport does not convert yet
-NOT_YET = ("glm", "glm-n", "glm4", "baichuan2", "qwen", "qwenvl", "internlm", "internlm2", "cogvlm2",
-           "deepseek2", "deepseekv3", "gpt", "whisper", "telechat", "llava", "internvl2")
+NOT_YET = tuple(k for k in ("glm", "glm-n", "glm4", "baichuan2", "qwen", "qwenvl", "internlm", "internlm2", "cogvlm2",
+                            "deepseek2", "deepseekv3", "gpt", "whisper", "telechat", "llava", "internvl2")
+                if k not in MODELS)
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
