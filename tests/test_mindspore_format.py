@@ -209,3 +209,86 @@ def test_mindformers_compatible_command_line(tmp_path, mindspore_peer):
     ):
         proc = run_cli("mindformers", *args, "--input_path", hf_dir, "--output_path", out)
         assert (proc.returncode, proc.stderr) == (1, f"weightport: error: {message}\n")
+
+
+# MindSpore 2.10 reads bf16 safetensors only through numpy's bfloat16, which it refuses with the
+# numpy 2.4 its requirements allow ("Numpy bfloat16 data type is not supported"): its own
+# save_checkpoint(format="safetensors") of a bf16 tensor fails the same way, so fp32 and fp16 here
+@pytest.mark.parametrize("model,dtype,ms_dtype", [("llama3.2", torch.float32, "Float32"),
+                                                  ("qwen2", torch.float16, "Float16")])
+def test_safetensors_container_loads_in_mindspore_and_comes_back_exact(tmp_path, mindspore_peer, model, dtype,
+                                                                       ms_dtype):
+    """MindFormers >= 1.5 saves MindSpore safetensors (metadata format "ms"), not .ckpt."""
+    hf_dir = build_hf(model, tmp_path / "hf", dtype=dtype)
+    ms = tmp_path / "ms"
+    proc = run_cli("convert", hf_dir, ms, "--to", "mindspore", "--container", "safetensors", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in ms.iterdir()) == ["config.json", "generation_config.json", "mindformers.yaml",
+                                                   "model.safetensors"]
+    from safetensors import safe_open
+    with safe_open(ms / "model.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "ms"}
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    expected = _expected(load_file(hf_dir / "model.safetensors"), cfg, "separate")
+    loaded = _ms_values(mindspore_peer, ms / "model.safetensors", tmp_path)
+    assert sorted(loaded) == sorted(expected)
+    for name, t in expected.items():
+        shape, dtype, value = loaded[name]
+        assert (shape, dtype) == (list(t.shape), ms_dtype), name
+        assert np.array_equal(value, t.numpy()), name
+    # config.json beside model.safetensors must not make it look like a Hugging Face directory
+    plan = weightport.plan_conversion(ms, tmp_path / "x", "hf")
+    assert (plan.source.format.name, plan.source.variant) == ("mindspore", "safetensors, separate layout")
+    plan.source.close()
+    weightport.convert(ms, tmp_path / "back", "hf")
+    a, b = load_file(hf_dir / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    bad = run_cli("convert", hf_dir, tmp_path / "bad", "--to", "hf", "--container", "safetensors")
+    assert bad.stderr == "weightport: error: format hf has no container 'safetensors' (it has only one)\n"
+
+
+def test_reads_safetensors_saved_by_mindspore(tmp_path, mindspore_peer):
+    hf_dir = build_hf("llama3", tmp_path / "hf")
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    expected = _expected(load_file(hf_dir / "model.safetensors"), cfg, "separate")
+    ms = tmp_path / "ms"
+    ms.mkdir()
+    shutil.copy(hf_dir / "config.json", ms / "config.json")
+    params = []
+    for i, (name, t) in enumerate(expected.items()):
+        np.save(tmp_path / f"{i}.npy", t.numpy())
+        params.append({"name": name, "npy": str(tmp_path / f"{i}.npy"), "dtype": "float16"})
+    (result,) = mindspore_peer([{"op": "save", "path": str(ms / "net.safetensors"), "params": params,
+                                 "crc_check": True}], tmp_path)
+    assert result == {"ok": True}
+    weightport.convert(ms, tmp_path / "back", "hf")
+    back = load_file(tmp_path / "back" / "model.safetensors")
+    src = load_file(hf_dir / "model.safetensors")
+    assert sorted(back) == sorted(src)
+    assert all(torch.equal(back[k], src[k].to(torch.float16)) for k in src)
+
+
+def test_gmm_layout_stacks_experts_in_by_out(tmp_path, mindspore_peer):
+    """use_gmm: MindFormers' grouped matmul takes each layer's experts as (experts, in, out)."""
+    hf_dir = build_hf("mixtral", tmp_path / "hf")
+    ms = tmp_path / "ms"
+    weightport.convert(hf_dir, ms, "mindspore", layout="gmm")
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    expected = _expected(load_file(hf_dir / "model.safetensors"), cfg, "separate")
+    expected = {n: t.transpose(1, 2) if ".feed_forward.ffn." in n else t for n, t in expected.items()}
+    loaded = _ms_values(mindspore_peer, ms / "model.ckpt", tmp_path)
+    assert sorted(loaded) == sorted(expected)
+    for name, t in expected.items():
+        assert loaded[name][0] == list(t.shape) and np.array_equal(loaded[name][2], t.numpy()), name
+    mf = yaml.safe_load((ms / "mindformers.yaml").read_text())["model"]["model_config"]
+    assert mf["moe_config"]["use_gmm"] is True and mf["qkv_concat"] is False
+    # a MindFormers file records no layout; the expert shapes tell gmm from separate
+    (ms / "mindformers.yaml").unlink()
+    plan = weightport.plan_conversion(ms, tmp_path / "x", "hf")
+    assert plan.source.variant == ".ckpt, gmm layout" and not plan.source.notes
+    plan.source.close()
+    report = verify(hf_dir, ms, samples=2)
+    assert report.equivalent and report.function.max_abs_diff == 0.0, report.render()
+    bad = run_cli("convert", build_hf("llama3", tmp_path / "llama"), tmp_path / "bad", "--to", "mindspore",
+                  "--layout", "gmm")
+    assert bad.stderr == "weightport: error: layout gmm is for mixture-of-experts models; this model has no experts\n"

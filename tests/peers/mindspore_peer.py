@@ -13,7 +13,8 @@ JOB_JSON is {"ops": [op, ...]}; RESULT_JSON gets one result per op, in order. An
 gives {"error": "<Type>: <message>"} instead of stopping the job. Ops:
 
 load {"path", "crc_check": bool, "out_dir", "hash_only": bool}
-    `mindspore.load_checkpoint(path, crc_check=...)`. Result {"params": [...]} in the dict's order,
+    `mindspore.load_checkpoint(path, crc_check=..., format=...)`, format "safetensors" for a path
+    ending in .safetensors (save likewise). Result {"params": [...]} in the dict's order,
     one {"name", "kind": "tensor", "shape", "dtype": str(p.dtype), "npy": file} per Parameter
     (BFloat16 values cast to float32 by MindSpore; with hash_only, "sha256" of the raw bytes
     instead of "npy"), {"name", "kind": "str", "value"} per string, {"name", "kind": "map"}
@@ -39,10 +40,14 @@ from pathlib import Path
 import numpy as np
 
 
+def _format(path: str) -> str:
+    return "safetensors" if path.endswith(".safetensors") else "ckpt"
+
+
 def _load(op):
     import mindspore as ms
 
-    d = ms.load_checkpoint(op["path"], crc_check=op.get("crc_check", False))
+    d = ms.load_checkpoint(op["path"], crc_check=op.get("crc_check", False), format=_format(op["path"]))
     out_dir = Path(op["out_dir"]) if op.get("out_dir") else None
     params = []
     for i, (name, v) in enumerate(d.items()):
@@ -92,6 +97,8 @@ def _save(op):
         kwargs["append_dict"] = op["append"]
     if op.get("enc_key"):
         kwargs["enc_key"] = op["enc_key"].encode()
+    if _format(path) == "safetensors":
+        kwargs["format"] = "safetensors"
     saved = serialization.SLICE_SIZE
     if op.get("slice_kb"):
         serialization.SLICE_SIZE = op["slice_kb"]
