@@ -90,7 +90,7 @@ def test_unknown_architecture(src, tmp_path):
     cfg["model_type"] = "bloom"
     (src / "config.json").write_text(json.dumps(cfg))
     fails(src, tmp_path / "out", f"{src / 'config.json'}: unknown architecture model_type='bloom' "
-                                 "(supported: gemma, llama, mistral, mixtral, phi3, qwen2)")
+                                 "(supported: chatglm, deepseek_v2, gemma, gpt2, llama, mistral, mixtral, phi3, qwen2)")
 
 
 def test_unmapped_extra_tensor(src, tmp_path):

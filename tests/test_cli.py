@@ -70,3 +70,14 @@ def test_formats_matrix():
     for arch, ok in (("llama", True), ("mixtral", True), ("qwen2", True), ("mistral", False), ("gemma", False)):
         row = next(l for l in lines if l.startswith("mindspore ") and f" {arch} —" in l)
         assert row.rstrip().endswith("yes   yes" if ok else "no    no"), row
+
+
+def test_closed_stdout_is_not_an_error(tmp_path):
+    """`weightport inspect --tensors | head -1`: the reader going away ends the output quietly."""
+    import subprocess
+    import sys
+
+    hf_dir = build_hf("llama3", tmp_path / "hf", num_hidden_layers=300)  # far more than a pipe buffer
+    proc = subprocess.run(f"{sys.executable} -m weightport inspect {hf_dir} --tensors | head -1",
+                          shell=True, capture_output=True, text=True)
+    assert proc.stdout.count("\n") == 1 and proc.stderr == ""

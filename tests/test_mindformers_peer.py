@@ -16,8 +16,6 @@ for all loads. Each test then checks its own case (and reports its own failure).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import traceback
 from pathlib import Path
 
@@ -27,10 +25,8 @@ import torch
 from safetensors.torch import load_file
 
 import weightport
-from conftest import ROOT, build_hf, mindspore_python
+from conftest import build_hf
 from weightport.io.ms_ckpt import TORCH_TO_MS, MsCkptFile
-
-PEER = ROOT / "tests" / "peers" / "mindformers_peer.py"
 
 # source dtype, weightport's dtype= (None: its default), the peer's --dtype, the tensor_type both write
 CASES = {
@@ -45,48 +41,6 @@ LLAMA = [
     ("llama3.2", "fp32"), ("llama3.2", "bf16"),  # tied embeddings
 ]
 ALL = LLAMA + [("qwen2", "fp32")]
-
-
-class MindFormersPeer:
-    """MindFormers' own Llama converter through tests/peers/mindformers_peer.py, in a subprocess."""
-
-    def __init__(self, exe: str):
-        self.exe = exe
-        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-
-    def _run(self, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-        proc = subprocess.run([self.exe, str(PEER), *args], capture_output=True, text=True, cwd=cwd, env=self.env)
-        if proc.returncode != 0:  # the converter prints a failed from_pretrained to stdout
-            raise AssertionError(f"mindformers peer {args[0]} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-        return proc
-
-    def convert(self, hf_dir: Path, out_ckpt: Path, dtype: str | None = None) -> dict:
-        """One conversion; returns the peer's JSON line (versions and output)."""
-        proc = self._run(["convert-llama", str(hf_dir), str(out_ckpt)] + (["--dtype", dtype] if dtype else []),
-                         Path(out_ckpt).parent)
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-
-    def convert_many(self, jobs: list[dict], workdir: Path) -> dict:
-        """Jobs {"hf_dir", "out_ckpt", "dtype"} in one process; {"results": [{"output"} | {"error"}], versions}."""
-        job, result = workdir / "mindformers_job.json", workdir / "mindformers_result.json"
-        job.write_text(json.dumps({"jobs": [{k: str(v) if isinstance(v, Path) else v for k, v in j.items()}
-                                            for j in jobs]}))
-        self._run(["batch", str(job), str(result)], workdir)
-        return json.loads(result.read_text())
-
-
-@pytest.fixture(scope="session")
-def mindformers_peer():
-    """MindFormers (installed with --no-deps beside mindspore, in the Python that has mindspore).
-    In CI it must be there."""
-    exe = mindspore_python()
-    probe = subprocess.run([exe, str(PEER), "version"], capture_output=True, text=True) if exe else None
-    if probe is None or probe.returncode != 0:
-        why = "mindspore missing" if probe is None else (probe.stderr.strip().splitlines() or ["?"])[-1]
-        if os.environ.get("CI"):
-            pytest.fail(f"mindformers peer unavailable in CI (`make test` must install mindformers): {why}")
-        pytest.skip(f"mindformers not installed ({why}); run `make test` to install it")
-    return MindFormersPeer(exe)
 
 
 def _weightport_view(path: Path) -> dict[str, tuple[list[int], str, torch.Tensor]]:

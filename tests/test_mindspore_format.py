@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import weightport
 from conftest import build_hf, run_cli
 from weightport.io.ms_ckpt import MsCkptFile, MsCkptWriter
+from weightport.mindformers_compat import MODELS as MINDFORMERS_KEYS
 from weightport.verify import verify
 
 # MindFormers' conversion table entries with a transformers implementation, by our test models
@@ -132,8 +133,8 @@ def test_fused_layout_is_detected_and_overridable(tmp_path):
     assert bad.stderr == (f"weightport: error: {ms / 'model.ckpt'}: its names and shapes are those of layout "
                           "fused-interleaved or fused, not separate\n")
     bad = run_cli("convert", hf_dir, tmp_path / "bad", "--to", "mindspore", "--layout", "zigzag")
-    assert bad.stderr == ("weightport: error: format mindspore has no layout 'zigzag' (choose one of separate, "
-                          "fused, fused-interleaved, gmm)\n")
+    assert bad.stderr == ("weightport: error: format mindspore has no layout 'zigzag' for llama (choose one of "
+                          "separate, fused, fused-interleaved, gmm)\n")
 
 
 def test_training_checkpoint_state_is_dropped_and_yaml_alone_suffices(tmp_path):
@@ -201,8 +202,8 @@ def test_mindformers_compatible_command_line(tmp_path, mindspore_peer):
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
     for args, message in (
-        (["--model", "glm-n"], "--model glm-n: in MindFormers' table, but weightport does not convert it yet "
-                               "(supported: llama, codellama, yi, deepseek, qwen2, qwen2_5, mixtral)"),
+        (["--model", "cogvlm2"], "--model cogvlm2: in MindFormers' table, but weightport does not convert it "
+                                 f"yet (supported: {', '.join(MINDFORMERS_KEYS)})"),
         (["--model", "qwen2"], f"--model qwen2: {hf_dir} is a llama model (LlamaForCausalLM)"),
         (["--model", "llama", "--layers", "32"], "--layers 32: the model's config says 2"),
         (["--model", "llama"], f"{out}: already exists; pass --force to replace it"),

@@ -46,7 +46,8 @@ def plan_conversion(src: str | Path, out: str | Path, to: str, *, source_format:
                     layout: str | None = None, source_layout: str | None = None,
                     container: str | None = None) -> Plan:
     target = formats.get(to)
-    _check_layout(target, layout)
+    if not target.layouts:
+        _check_layout(target, layout)
     if container is not None and container not in target.containers:
         choices = f"choose one of {', '.join(target.containers)}" if target.containers else "it has only one"
         raise WeightportError(f"format {target.name} has no container {container!r} ({choices})")
@@ -57,6 +58,10 @@ def plan_conversion(src: str | Path, out: str | Path, to: str, *, source_format:
         size = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
         if ckpt.model.arch.name not in target.archs:
             raise WeightportError(f"format {target.name} does not support {ckpt.model.arch.name}")
+        choices = target.layouts_for(ckpt.model)
+        if layout is not None and layout not in choices:
+            raise WeightportError(f"format {target.name} has no layout {layout!r} for {ckpt.model.arch.name} "
+                                  f"(choose one of {', '.join(choices)})")
         return build_plan(ckpt, target, Path(out), dtype, WriteOptions(max_shard_size=size, layout=layout,
                                                                       container=container))
     except BaseException:

@@ -214,3 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print("weightport: error: out of memory", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # stdout closed early (`weightport inspect --tensors | head`): not an error of ours;
+        # point stdout at devnull so the interpreter's final flush does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -13,14 +13,17 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+
+import yaml
 from pathlib import Path
 
 from . import api
 from .errors import WeightportError
 from .formats.mindformers import NAME_SETS
+from .formats.mindformers import from_yaml as mindformers_yaml
 
 # MindFormers --model keys we convert, and the Hugging Face architectures each accepts
-MODELS = {key: ns.archs for ns in NAME_SETS for key in ns.keys}
+MODELS = {key: ns.key_archs.get(key, ns.archs) for ns in NAME_SETS for key in ns.keys}
 # keys of MindFormers' conversion table that weightport does not convert yet
 NOT_YET = tuple(k for k in ("glm", "glm-n", "glm4", "baichuan2", "qwen", "qwenvl", "internlm", "internlm2", "cogvlm2",
                             "deepseek2", "deepseekv3", "gpt", "whisper", "telechat", "llava", "internvl2")
@@ -53,6 +56,10 @@ def add_parser(sub) -> None:
     m.add_argument("--qkv_concat", type=_bool, default=False, metavar="BOOL",
                    help="forward: write fused w_qkv / w_gate_hidden in MindFormers >= 1.5's interleaved layout "
                         "(as its --qkv_concat True does); reversed: the .ckpt is fused")
+    m.add_argument("--config", metavar="YAML",
+                   help="a MindFormers model yaml whose qkv_concat / mlp_concat / use_rearrange_rope (glm-n) or "
+                        "qkv_concat / use_gmm (llama family) say which layout to write (forward) or read (reversed), "
+                        "as MindFormers' glm converter takes it; glm-n without it: fused, as ChatGLM2Config defaults")
     m.add_argument("--n_head", type=int, metavar="N", help="checked against the config: attention heads")
     m.add_argument("--hidden_size", type=int, metavar="N", help="checked against the config: hidden size")
     m.add_argument("--layers", type=int, metavar="N", help="checked against the config: number of layers")
@@ -70,14 +77,13 @@ def run(args) -> str:
     if not args.reversed and src.is_file():
         src = src.parent  # MindFormers <= 1.3 took a file inside the HF directory
     dtype = DTYPES[args.dtype] if args.dtype else "auto"
+    layout = _layout(args)
     if args.reversed:
-        layout = "fused-interleaved" if args.qkv_concat else None
         plan = api.plan_conversion(src, out, "hf", source_format="mindspore", dtype=dtype, source_layout=layout)
         _check(args, plan)
         plan.source.close()
         api.convert(src, out, "hf", source_format="mindspore", dtype=dtype, force=args.force, source_layout=layout)
         return f"wrote {out}"
-    layout = "fused-interleaved" if args.qkv_concat else "separate"
     work = out.parent / f".{out.name}.weightport-dir-{os.getpid()}"
     plan = api.plan_conversion(src, work, "mindspore", source_format="hf", dtype=dtype, layout=layout)
     _check(args, plan)
@@ -95,6 +101,28 @@ def run(args) -> str:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return f"wrote {out}" + (f" (and {', '.join(kept)} beside it)" if kept else "")
+
+
+def _layout(args) -> str | None:
+    """The layout MindFormers' converter writes (forward) or the file holds (reversed; None: let
+    the file and its yaml say). Its glm converter takes the layout from the model yaml (--config)."""
+    glm = MODELS[args.model] == ("chatglm",)
+    concat = args.qkv_concat
+    if args.config:
+        try:
+            with open(args.config, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except (OSError, yaml.YAMLError) as e:
+            raise WeightportError(f"--config {args.config}: cannot read ({str(e).splitlines()[0]})") from None
+        cfg, layout = mindformers_yaml(data if isinstance(data, dict) else {}, args.config)
+        if layout is not None:
+            return layout
+        concat = bool(data["model"]["model_config"].get("qkv_concat"))
+    if glm:
+        return None if args.reversed else "fused"
+    if concat:
+        return "fused-interleaved"
+    return None if args.reversed else "separate"
 
 
 def _check(args, plan) -> None:

@@ -202,26 +202,30 @@ class Transpose(Op):
 
 
 @dataclass(frozen=True)
-class Each(Op):
-    """One single-tensor op applied to each of n tensors."""
+class Parallel(Op):
+    """n tensors, each through its own single-tensor op (e.g. q and k permuted, v kept)."""
 
-    op: Op
-    n: int
+    ops: tuple[Op, ...]
 
     def forward(self, xs):
-        return [self.op.forward([x])[0] for x in xs]
+        return [op.forward([x])[0] for op, x in zip(self.ops, xs, strict=True)]
 
     def inverse(self, ys):
-        return [self.op.inverse([y])[0] for y in ys]
+        return [op.inverse([y])[0] for op, y in zip(self.ops, ys, strict=True)]
 
     def forward_shapes(self, shapes):
-        return [self.op.forward_shapes([s])[0] for s in shapes]
+        return [op.forward_shapes([s])[0] for op, s in zip(self.ops, shapes, strict=True)]
 
     def inverse_shapes(self, shapes):
-        return [self.op.inverse_shapes([s])[0] for s in shapes]
+        return [op.inverse_shapes([s])[0] for op, s in zip(self.ops, shapes, strict=True)]
 
     def __str__(self):
-        return f"each({self.op})"
+        return "parallel(" + ", ".join(map(str, self.ops)) + ")"
+
+
+def Each(op: Op, n: int) -> Op:
+    """One single-tensor op applied to each of n tensors."""
+    return Parallel((op,) * n)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ and that every target tensor has a producer.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,7 +70,7 @@ class Plan:
             f"{m.dims.n_head} heads / {m.dims.n_kv} kv, vocab {m.dims.vocab}"
             + (f", {m.dims.n_expert} experts" if m.dims.n_expert else "") + (", tied embeddings" if m.dims.tied else ""),
             f"target:  {self.out_dir}  [{self.target.name}"
-            + (f", {self.layout or self.target.layouts[0]} layout" if self.target.layouts else "") + "]",
+            + (f", {self.layout} layout" if self.layout else "") + "]",
             f"dtype:   {'keep source' if self.dtype is None else short_name(self.dtype)}",
             f"reads:   {len(s.source.tensors)} tensors, {_human(self.read_bytes)} from {len(s.source.files)} file(s)",
             f"writes:  {len(self.outputs)} tensors, {_human(self.total_bytes)} in {len(self.files)} file(s)",
@@ -106,10 +105,6 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def _template_regex(template: str) -> re.Pattern:
-    return re.compile(re.escape(template).replace(r"\{l\}", r"\d+").replace(r"\{e\}", r"\d+") + "$")
-
-
 def _fail(problems: list[str]) -> None:
     if problems:
         more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
@@ -119,13 +114,12 @@ def _fail(problems: list[str]) -> None:
 def unclaimed_tensors(source: Checkpoint) -> list[tuple[str, str | None]]:
     """Stored tensors no rule reads, each with why it is dropped on purpose (None: it is not)."""
     claimed = {n for r in source.rules for n in r.fmt}
-    droppable = [_template_regex(t) for t in source.model.arch.droppable]
     out = []
     for name in source.source.tensors:
         if name in claimed:
             continue
         why = source.dropped.get(name)
-        if why is None and any(p.match(name) for p in droppable):
+        if why is None and source.model.arch.is_droppable(name):
             why = "recomputed by the model"
         out.append((name, why))
     return out
@@ -191,7 +185,7 @@ def build_plan(source: Checkpoint, target: Format, out_dir: Path, dtype: torch.d
             outputs.append(OutputTensor(name, tuple(shape), out_dtype, alias=isinstance(rule.op, Tie) and i > 0))
         write_steps.append(Step(rule.hub, rule.fmt, rule.op, backward=False))
     return Plan(source, target, out_dir, read_steps, write_steps, target.layout(outputs, options), dtype, dropped,
-                options.layout)
+                options.layout or target.default_layout(model))
 
 
 def check_float16(name: str, tensor: torch.Tensor) -> None:

@@ -39,7 +39,8 @@ Run it as a subprocess with the test venv's Python: importing mindspore changes 
 `convert-llama` and `version` print one JSON line: {"mindformers": version, "mindspore": version,
 "transformers": version[, "output": OUT_CKPT]}. `batch` runs many conversions in one process
 (importing transformers and mindspore costs most of a run): JOB_JSON is {"jobs": [{"hf_dir",
-"out_ckpt", "dtype": "fp32" | "fp16" | "bf16" | null}]}, RESULT_JSON gets the versions and one
+"out_ckpt", "dtype": "fp32" | "fp16" | "bf16" | null}]} (a glm-n job adds "model": "glm-n",
+"config": yaml, "order": [state_dict names]), RESULT_JSON gets the versions and one
 {"output"} or {"error": traceback} per job, in order.
 """
 
@@ -91,19 +92,103 @@ def _unavailable(what: str):
     return Unavailable
 
 
+class _YamlConfig(dict):
+    """Stands in for mindformers.tools.MindFormerConfig, which the glm converter uses only as
+    `MindFormerConfig(yaml_path)['model']['model_config']`."""
+
+    def __init__(self, path):
+        import yaml
+
+        with open(path, encoding="utf-8") as f:
+            super().__init__(yaml.safe_load(f))
+
+
+class _ChatGLM2Config:
+    """Stands in for mindformers' ChatGLM2Config (a PretrainedConfig that drags in the framework):
+    the converter only reads attributes, and every one it reads must be in the yaml."""
+
+    READ = ("multi_query_attention", "kv_channels", "num_attention_heads", "multi_query_group_num",
+            "use_rearrange_rope", "qkv_concat", "mlp_concat", "ffn_hidden_size")
+
+    def __init__(self, **kw):
+        missing = [k for k in self.READ if k not in kw]
+        if missing:
+            raise ValueError(f"the test yaml lacks {missing}")
+        self.__dict__.update(kw)
+
+
 @functools.cache
-def load_converter() -> types.ModuleType:
-    """MindFormers' own `mindformers.models.llama.convert_weight`, loaded from its file."""
-    root = _package_dir()
+def _stand_ins(root: Path) -> None:
+    if "mindformers" in sys.modules:
+        return
     _stand_in("mindformers", root).__version__ = importlib.metadata.version("mindformers")
     _stand_in("mindformers.utils", root / "utils")
     tools = _stand_in("mindformers.tools", root / "tools")
     for what in ("MindFormerConfig", "MindFormerRegister", "MindFormerModuleType"):
         setattr(tools, what, _unavailable(what))
     _stand_in("mindformers.models", root / "models")
-    _stand_in("mindformers.models.llama", root / "models" / "llama")
     _load_file("mindformers.utils.convert_utils", root / "utils" / "convert_utils.py")
+
+
+@functools.cache
+def load_converter() -> types.ModuleType:
+    """MindFormers' own `mindformers.models.llama.convert_weight`, loaded from its file."""
+    root = _package_dir()
+    _stand_ins(root)
+    _stand_in("mindformers.models.llama", root / "models" / "llama")
     return _load_file("mindformers.models.llama.convert_weight", root / "models" / "llama" / "convert_weight.py")
+
+
+@functools.cache
+def load_glm_converter() -> types.ModuleType:
+    """MindFormers' own `mindformers.models.glm2.convert_weight` (glm-n, glm4), loaded from its file,
+    with MindFormerConfig and ChatGLM2Config stood in for (see the classes above)."""
+    root = _package_dir()
+    _stand_ins(root)
+    sys.modules["mindformers.tools"].MindFormerConfig = _YamlConfig
+    _stand_in("mindformers.models.glm2", root / "models" / "glm2")
+    cfg = types.ModuleType("mindformers.models.glm2.glm2_config")
+    cfg.ChatGLM2Config = _ChatGLM2Config
+    sys.modules[cfg.__name__] = cfg
+    return _load_file("mindformers.models.glm2.convert_weight", root / "models" / "glm2" / "convert_weight.py")
+
+
+class _RemoteCodeModel:
+    """What `AutoModel.from_pretrained(dir, trust_remote_code)` gives the converter for ChatGLM,
+    whose modeling code is on the Hub, not in transformers: only state_dict() is used, so this
+    returns the directory's tensors in modeling_chatglm.py's module order (given by the test)."""
+
+    order: list = []
+
+    def __init__(self, path):
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(Path(path) / "model.safetensors"))
+        self._state = {k: tensors[k] for k in self.order}
+        if sorted(self._state) != sorted(tensors):
+            raise ValueError("the test's state_dict order does not name every tensor")
+
+    @classmethod
+    def from_pretrained(cls, path, **kw):
+        return cls(path)
+
+    def state_dict(self):
+        return dict(self._state)
+
+
+def convert_glm(hf_dir: str, out_ckpt: str, config_yaml: str, order: list, dtype: str | None) -> dict:
+    import mindspore as ms
+
+    dtypes = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
+    conv = load_glm_converter()
+    _RemoteCodeModel.order = order
+    conv.AutoModel = _RemoteCodeModel
+    Path(out_ckpt).parent.mkdir(parents=True, exist_ok=True)
+    # the root script passes dtype=None when --dtype is absent, but this function's own default is float32
+    conv.convert_pt_to_ms(hf_dir, out_ckpt, config_yaml, dtype=dtypes[dtype or "fp32"])
+    if not Path(out_ckpt).is_file():
+        raise SystemExit(f"MindFormers' converter wrote no {out_ckpt}")
+    return {"output": out_ckpt}
 
 
 def convert_llama(hf_dir: str, out_ckpt: str, dtype: str | None) -> dict:
@@ -127,7 +212,11 @@ def batch(job_path: str, result_path: str) -> None:
     results = []
     for job in jobs:
         try:
-            results.append(convert_llama(job["hf_dir"], job["out_ckpt"], job.get("dtype")))
+            if job.get("model") == "glm-n":
+                results.append(convert_glm(job["hf_dir"], job["out_ckpt"], job["config"], job["order"],
+                                           job.get("dtype")))
+            else:
+                results.append(convert_llama(job["hf_dir"], job["out_ckpt"], job.get("dtype")))
         except BaseException:  # SystemExit too: one bad job must not hide the others
             results.append({"error": traceback.format_exc()})
     with open(result_path, "w", encoding="utf-8") as f:

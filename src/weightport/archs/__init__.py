@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from ..errors import WeightportError
 from .base import Arch, Dims, Model
+from .chatglm import CHATGLM
+from .deepseek_v2 import DEEPSEEK_V2
+from .gpt2 import GPT2
 from .llama_family import ARCHS as _LLAMA_FAMILY
 
-ARCHS: dict[str, Arch] = {a.name: a for a in _LLAMA_FAMILY}
+ARCHS: dict[str, Arch] = {a.name: a for a in (*_LLAMA_FAMILY, DEEPSEEK_V2, CHATGLM, GPT2)}
 _BY_MODEL_TYPE = {a.model_type: a for a in ARCHS.values()}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -44,6 +45,13 @@ class Arch:
     # tensors some checkpoints carry that the model recomputes; dropped on purpose
     droppable: tuple[str, ...] = ()
     variants: tuple[str, ...] = field(default=())
+    # what the *ForCausalLM class puts before its base model's names; checkpoints saved from the
+    # base model alone (GPT2Model, the original openai-community/gpt2 files) lack it
+    base_prefix: str = ""
+
+    def is_droppable(self, name: str) -> bool:
+        return any(re.fullmatch(re.escape(t).replace(r"\{l\}", r"\d+").replace(r"\{e\}", r"\d+"), name)
+                   for t in self.droppable)
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,14 @@ class Format:
     def open(self, path: Path, layout: str | None = None) -> Checkpoint:
         raise NotImplementedError
 
+    def layouts_for(self, model: Model) -> tuple[str, ...]:
+        """The layouts this model can be written in (all of the format's, unless they differ by model)."""
+        return self.layouts
+
+    def default_layout(self, model: Model) -> str | None:
+        """The layout written when none is asked for (None: the format has only one)."""
+        return self.layouts[0] if self.layouts else None
+
     def target_rules(self, model: Model, layout: str | None = None) -> list[Rule]:
         """Expanded hub -> format rules for writing this model."""
         raise NotImplementedError

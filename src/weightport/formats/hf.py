@@ -72,9 +72,16 @@ class HFFormat(Format):
                     raise WeightportError(f"{index}: names tensor {tensor} in {shard}, but {shard} does not hold it")
         generation = path / "generation_config.json"
         variant = "safetensors" if files[0].suffix == ".safetensors" else "pytorch_model.bin"
+        rules, dropped, prefix = identity_rules(list(model.hub_tensors())), {}, model.arch.base_prefix
+        if prefix and not any(n.startswith(prefix) for n in source.tensors) \
+                and all(h.startswith(prefix) for h in model.hub_tensors()):
+            # saved from the base model (the original GPT-2 files): the same tensors, unprefixed
+            rules = [Rule(h, h.removeprefix(prefix)) for h in model.hub_tensors()]
+            dropped = {n: "recomputed by the model" for n in source.tensors if model.arch.is_droppable(prefix + n)}
+            variant += f", base-model names (no {prefix!r})"
         return Checkpoint(
             path=path, format=self, variant=f"{variant}, {len(files)} file(s)", model=model, source=source,
-            rules=identity_rules(list(model.hub_tensors())),
+            rules=rules, dropped=dropped,
             side_files=find_side_files(path),
             generation_config=load_json(generation) if generation.is_file() else None,
         )

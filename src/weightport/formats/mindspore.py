@@ -23,7 +23,8 @@ from ..rules import Rule
 from .hf import ShardedSafetensorsWriter
 from .base import Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions, find_side_files, write_hf_sidecar
 from .mindformers import ALL_LAYOUTS, BY_ARCH, names_for
-from .mindformers.llama_config import TRAINING_STATE, from_mindformers
+from .mindformers import from_yaml as mindformers_yaml
+from .mindformers.llama_config import TRAINING_STATE
 
 YAML = "mindformers.yaml"
 # file container -> the weights file we write
@@ -96,6 +97,12 @@ class MindSporeFormat(Format):
             source.close()
             raise
 
+    def layouts_for(self, model: Model) -> tuple[str, ...]:
+        return tuple(names_for(model).layouts)
+
+    def default_layout(self, model: Model) -> str | None:
+        return next(iter(names_for(model).layouts))
+
     def target_rules(self, model: Model, layout: str | None = None) -> list[Rule]:
         names_set = names_for(model)
         names_set.check(model)
@@ -103,7 +110,7 @@ class MindSporeFormat(Format):
         if layout not in names_set.layouts:
             raise WeightportError(f"layout {layout!r} is not one of {model.arch.name}'s MindFormers layouts "
                                   f"({', '.join(names_set.layouts)})")
-        return sorted(names_set.rules(model, layout, None), key=lambda r: names_set.write_order(r.fmt[0]))
+        return sorted(names_set.rules(model, layout, None), key=lambda r: names_set.write_order(r.fmt[0], layout))
 
     def layout(self, tensors: list[OutputTensor], options: WriteOptions) -> list[OutputFile]:
         container = options.container or "ckpt"
@@ -150,12 +157,14 @@ def _read_config(directory: Path) -> tuple[Model, str | None, list[str]]:
         recorded = (mf.get("weightport") or {}).get("layout")
     config_path = directory / "config.json"
     if config_path.is_file():
+        if mf is not None and recorded is None:
+            recorded = mindformers_yaml(mf, str(yaml_path))[1]
         return model_from_hf_config(load_json(config_path), str(config_path)), recorded, []
     if mf is None:
         raise WeightportError(f"{directory}: no config.json or MindFormers yaml next to the checkpoint; "
                               "put the model's Hugging Face config.json beside it")
-    hf = from_mindformers(mf, str(yaml_path))
-    return model_from_hf_config(hf, str(yaml_path)), recorded, [f"config from {yaml_path.name}"]
+    hf, implied = mindformers_yaml(mf, str(yaml_path))
+    return model_from_hf_config(hf, str(yaml_path)), recorded or implied, [f"config from {yaml_path.name}"]
 
 
 class _CkptWriter(Writer):

@@ -13,6 +13,13 @@ FUNCTION_KEYS = (
     "model_type", "hidden_act", "hidden_activation", "rms_norm_eps", "attention_bias", "mlp_bias",
     "sliding_window", "use_sliding_window", "max_window_layers", "num_experts_per_tok",
     "final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar",
+    # DeepSeek-V2: latent attention sizes and routing
+    "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "n_routed_experts",
+    "n_shared_experts", "moe_intermediate_size", "first_k_dense_replace", "moe_layer_freq", "routed_scaling_factor",
+    "topk_method", "n_group", "topk_group", "norm_topk_prob",
+    # GPT-2
+    "activation_function", "layer_norm_epsilon", "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
+    "reorder_and_upcast_attn",
 )
 
 

@@ -8,12 +8,30 @@ from __future__ import annotations
 
 from ...archs import Model
 from ...errors import WeightportError
-from . import llama
+from . import deepseek_v2, glm, gpt2, llama
 from .base import NameSet
 
-NAME_SETS: tuple[NameSet, ...] = (llama.NAMES,)
+NAME_SETS: tuple[NameSet, ...] = (llama.NAMES, glm.NAMES, deepseek_v2.NAMES, gpt2.NAMES)
 BY_ARCH: dict[str, NameSet] = {a: ns for ns in NAME_SETS for a in ns.archs}
 ALL_LAYOUTS: dict[str, str] = {k: v for ns in NAME_SETS for k, v in ns.layouts.items()}
+
+
+def from_yaml(data: dict, where: str) -> tuple[dict, str | None]:
+    """A Hugging Face config dict from a MindFormers yaml, and the layout the yaml implies (or None),
+    by its model_config type (a yaml without one is read as MindFormers' Llama)."""
+    try:
+        kind = data["model"]["model_config"].get("type") or "LlamaConfig"
+    except (KeyError, TypeError, AttributeError):
+        raise WeightportError(f"{where}: no model: model_config: block") from None
+    for ns in NAME_SETS:
+        if kind in ns.yaml_types:
+            try:
+                return ns.from_yaml(data, where)
+            except (KeyError, TypeError) as e:
+                raise WeightportError(f"{where}: missing MindFormers model_config field {e}") from None
+    known = ", ".join(t for ns in NAME_SETS for t in ns.yaml_types)
+    raise WeightportError(f"{where}: model_config type {kind!r} is not one weightport reads ({known}); "
+                          "put the model's Hugging Face config.json beside the checkpoint")
 
 
 def names_for(model: Model) -> NameSet:
@@ -24,4 +42,4 @@ def names_for(model: Model) -> NameSet:
     return ns
 
 
-__all__ = ["ALL_LAYOUTS", "BY_ARCH", "NAME_SETS", "NameSet", "names_for"]
+__all__ = ["ALL_LAYOUTS", "from_yaml", "BY_ARCH", "NAME_SETS", "NameSet", "names_for"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -10,6 +10,10 @@ import torch
 from ...archs import Model
 from ...errors import WeightportError
 from ...rules import Rule
+
+
+# compute_dtype / param_init_type in MindFormers yamls
+MS_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -28,10 +32,16 @@ class NameSet:
     keys: tuple[str, ...]
     layouts: dict[str, str]
     rules: Callable[[Model, str, "set[str] | None"], list[Rule]]
-    write_order: Callable[[str], tuple]
+    # sort key of a stored name in a layout: the order MindFormers' converter writes, so files can match
+    write_order: Callable[[str, str], tuple]
     check: Callable[[Model], None]
     to_yaml: Callable[[Model, torch.dtype, str], dict]
     read_preference: tuple[str, ...] = ()
+    # a --model key that accepts only some of `archs` (MindFormers' `qwen2` is not for Llama files)
+    key_archs: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # MindFormers yaml model_config types this name set reads, and how: (config.json dict, layout or None)
+    yaml_types: tuple[str, ...] = ()
+    from_yaml: "Callable[[dict, str], tuple[dict, str | None]] | None" = None
 
     def layouts_matching(self, model: Model, stored: dict[str, tuple[int, ...]]) -> list[str]:
         """Layouts whose every tensor is stored, with its shape, most preferred first."""

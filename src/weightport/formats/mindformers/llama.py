@@ -13,7 +13,7 @@ from ...errors import WeightportError
 from ...ops import Chain, Concat, Each, GroupInterleave, Stack, Tie, Transpose
 from ...rules import Rule, expand, rename
 from .base import NameSet
-from .llama_config import to_mindformers
+from .llama_config import from_yaml, to_mindformers
 
 LAYOUTS = {
     "separate": "wq/wk/wv and w1/w3 stored separately (MindFormers' convert_weight default)",
@@ -76,7 +76,7 @@ _LAYER_ORDER = [f"{p}.{w}" for p in ("attention.wq", "attention.wk", "attention.
     "feed_forward.ffn.w2.weight", "feed_forward.ffn.w3.weight", "attention_norm.weight", "ffn_norm.weight"]
 
 
-def write_order(name: str) -> tuple:
+def write_order(name: str, layout: str) -> tuple:
     """The order MindFormers' converter writes (the HF state_dict's), so files can match byte for byte."""
     if name.startswith("model.layers."):
         layer, rest = name.removeprefix("model.layers.").split(".", 1)
@@ -99,4 +99,7 @@ NAMES = NameSet(
     keys=("llama", "codellama", "yi", "deepseek", "qwen2", "qwen2_5", "mixtral"),
     layouts=LAYOUTS, rules=rules, write_order=write_order, check=check, to_yaml=to_mindformers,
     read_preference=("separate", "fused-interleaved", "fused"),
+    key_archs={"llama": ("llama",), "codellama": ("llama",), "yi": ("llama",), "deepseek": ("llama",),
+               "qwen2": ("qwen2",), "qwen2_5": ("qwen2",), "mixtral": ("mixtral",)},
+    yaml_types=("LlamaConfig",), from_yaml=from_yaml,
 )

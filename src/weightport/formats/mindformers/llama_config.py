@@ -12,12 +12,12 @@ import torch
 from ...archs import Model
 from ...errors import WeightportError
 from ...hf_config import rope_scaling, rope_theta, set_rope
+from .base import MS_DTYPE_NAMES
 
 # non-weight records of MindFormers training checkpoints (CheckpointMonitor's append_dict)
 TRAINING_STATE = frozenset({"global_step", "epoch_num", "step_num", "loss_scale", "scale_sense",
                             "global_batch_size", "current_iterator_step", "last_overflow_iterator_step"})
 
-_MS_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def to_mindformers(model: Model, dtype: torch.dtype, layout: str) -> dict:
@@ -41,8 +41,8 @@ def to_mindformers(model: Model, dtype: torch.dtype, layout: str) -> dict:
         "tie_word_embeddings": d.tied,
         "qkv_has_bias": model.arch.name == "qwen2",
         "qkv_concat": layout.startswith("fused"),
-        "compute_dtype": _MS_DTYPES.get(dtype, "float32"),
-        "param_init_type": _MS_DTYPES.get(dtype, "float32"),
+        "compute_dtype": MS_DTYPE_NAMES.get(dtype, "float32"),
+        "param_init_type": MS_DTYPE_NAMES.get(dtype, "float32"),
     }
     scaling = rope_scaling(cfg)
     if scaling:
@@ -96,3 +96,13 @@ def from_mindformers(data: dict, where: str) -> dict:
         scaling = {"rope_type": "llama3", **(mc.get("scaling_factor") or {})}
     set_rope(cfg, float(mc.get("theta", 10000.0)), scaling)
     return cfg
+
+
+def from_yaml(data: dict, where: str) -> tuple[dict, str | None]:
+    """The config and, where the yaml settles it, the layout: fused files of MindFormers <= 1.3 and
+    >= 1.5 share names and shapes and their yamls share `qkv_concat: true`, so that stays open."""
+    cfg = from_mindformers(data, where)
+    mc = data["model"]["model_config"]
+    if (mc.get("moe_config") or {}).get("use_gmm"):
+        return cfg, "gmm"
+    return cfg, None if mc.get("qkv_concat") else "separate"
