@@ -160,6 +160,39 @@ def mindspore_python() -> str | None:
     return sys.executable if importlib.util.find_spec("mindspore") is not None else None
 
 
+def mindspore_values(peer, ckpt: Path, tmp_path: Path) -> dict[str, tuple[list, str, object]]:
+    """What MindSpore's own load_checkpoint returns for `ckpt`: name -> (shape, dtype, values)."""
+    import numpy as np
+
+    (result,) = peer([{"op": "load", "path": str(ckpt), "crc_check": False, "out_dir": str(tmp_path / "ms-npy")}],
+                     tmp_path)
+    assert "error" not in result, result
+    return {p["name"]: (p["shape"], p["dtype"], np.load(p["npy"])) for p in result["params"]}
+
+
+def assert_mindspore_holds(peer, ckpt: Path, tmp_path: Path, expected: dict[str, torch.Tensor], ms_dtype: str) -> None:
+    """MindSpore reads exactly `expected` from `ckpt`: the same names, shapes, dtype and values."""
+    import numpy as np
+
+    loaded = mindspore_values(peer, ckpt, tmp_path)
+    assert sorted(loaded) == sorted(expected)
+    for name, t in expected.items():
+        shape, dtype, value = loaded[name]
+        assert (shape, dtype) == (list(t.shape), ms_dtype), name
+        assert np.array_equal(value, t.float().numpy() if ms_dtype == "BFloat16" else t.numpy()), name
+
+
+def apply_rules(rules, tensors: dict, backward: bool) -> dict:
+    """Run rules the way the executor does: forward hub -> format, backward format -> hub."""
+    from weightport.plan import Step
+
+    out = {}
+    for r in rules:
+        step = Step(r.fmt, r.hub, r.op, backward=True) if backward else Step(r.hub, r.fmt, r.op, backward=False)
+        out.update(zip(step.outputs, step.run([tensors[n] for n in step.inputs])))
+    return out
+
+
 @pytest.fixture(scope="session")
 def mindspore_peer():
     """Runs tests/peers/mindspore_peer.py jobs with the real MindSpore, in a subprocess.

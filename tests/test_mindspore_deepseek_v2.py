@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
 import weightport
-from conftest import hf_logits, run_cli
+from conftest import assert_mindspore_holds, hf_logits, mindspore_values, run_cli
 from weightport.archs import model_from_hf_config
 from weightport.formats import FORMATS
 from weightport.plan import Step
@@ -64,10 +63,6 @@ def _expected(hf: dict[str, torch.Tensor], cfg: dict) -> dict[str, torch.Tensor]
     return out
 
 
-def _ms_values(peer, ckpt, tmp_path) -> dict[str, tuple[list, str, np.ndarray]]:
-    (result,) = peer([{"op": "load", "path": str(ckpt), "crc_check": False, "out_dir": str(tmp_path / "ms")}], tmp_path)
-    assert "error" not in result, result
-    return {p["name"]: (p["shape"], p["dtype"], np.load(p["npy"])) for p in result["params"]}
 
 
 def _same_tensors(a_dir, b_dir):
@@ -88,12 +83,7 @@ def test_hf_to_mindspore_loads_in_mindspore_and_comes_back_exact(tmp_path, minds
     assert "model.layers.2.mlp.experts.3.up_proj.weight" in hf  # what transformers saves: one tensor per expert
     expected = _expected(hf, cfg)
 
-    loaded = _ms_values(mindspore_peer, ms / "model.ckpt", tmp_path)
-    assert set(loaded) == set(expected)
-    for name, t in expected.items():
-        shape, dtype, value = loaded[name]
-        assert (shape, dtype) == (list(t.shape), "Float32"), name
-        assert np.array_equal(value, t.numpy()), name
+    assert_mindspore_holds(mindspore_peer, ms / "model.ckpt", tmp_path, expected, "Float32")
 
     mf = yaml.safe_load((ms / "mindformers.yaml").read_text())
     assert mf["weightport"] == {"layout": "separate", "hf_architecture": "DeepseekV2ForCausalLM"}
@@ -167,7 +157,7 @@ def test_mindformers_command_line(tmp_path, mindspore_peer):
     out.parent.mkdir()
     proc = run_cli("mindformers", "--model", "deepseek2", "--input_path", hf_dir, "--output_path", out)
     assert proc.returncode == 0, proc.stderr
-    loaded = _ms_values(mindspore_peer, out, tmp_path)
+    loaded = mindspore_values(mindspore_peer, out, tmp_path)
     assert loaded["model.layers.0.attention.q_proj.weight"][:2] == ([96, 64], "Float32")
     back = tmp_path / "back"
     proc = run_cli("mindformers", "--model", "deepseek2", "--reversed", "--input_path", out, "--output_path", back)

@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file
 
 import weightport
-from conftest import build_hf, run_cli
+from conftest import assert_mindspore_holds, build_hf, mindspore_values, run_cli
 from weightport.io.ms_ckpt import MsCkptFile, MsCkptWriter
 from weightport.mindformers_compat import MODELS as MINDFORMERS_KEYS
 from weightport.verify import verify
@@ -64,10 +64,6 @@ def _expected(hf: dict[str, torch.Tensor], cfg: dict, layout: str) -> dict[str, 
     return out
 
 
-def _ms_values(peer, ckpt, tmp_path) -> dict[str, tuple[list, str, np.ndarray]]:
-    (result,) = peer([{"op": "load", "path": str(ckpt), "crc_check": False, "out_dir": str(tmp_path / "ms")}], tmp_path)
-    assert "error" not in result, result
-    return {p["name"]: (p["shape"], p["dtype"], np.load(p["npy"])) for p in result["params"]}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -81,12 +77,7 @@ def test_hf_to_mindspore_loads_in_mindspore_and_comes_back_exact(tmp_path, minds
     cfg = json.loads((hf_dir / "config.json").read_text())
     expected = _expected(load_file(hf_dir / "model.safetensors"), cfg, layout)
 
-    loaded = _ms_values(mindspore_peer, ms / "model.ckpt", tmp_path)
-    assert sorted(loaded) == sorted(expected)
-    for name, t in expected.items():
-        shape, dtype, value = loaded[name]
-        assert (shape, dtype) == (list(t.shape), "Float32"), name
-        assert np.array_equal(value, t.numpy()), name
+    assert_mindspore_holds(mindspore_peer, ms / "model.ckpt", tmp_path, expected, "Float32")
 
     mf = yaml.safe_load((ms / "mindformers.yaml").read_text())
     assert mf["weightport"]["layout"] == layout
@@ -105,7 +96,7 @@ def test_dtype_on_write_is_native(tmp_path, mindspore_peer, dtype, ms_name):
     hf_dir = build_hf("llama3", tmp_path / "hf")
     ms = tmp_path / "ms"
     weightport.convert(hf_dir, ms, "mindspore", dtype=dtype)
-    loaded = _ms_values(mindspore_peer, ms / "model.ckpt", tmp_path)
+    loaded = mindspore_values(mindspore_peer, ms / "model.ckpt", tmp_path)
     src = load_file(hf_dir / "model.safetensors")
     assert {d for _, d, _ in loaded.values()} == {ms_name}
     want = src["model.layers.1.mlp.down_proj.weight"].to(getattr(torch, dtype)).float().numpy()
@@ -191,7 +182,7 @@ def test_mindformers_compatible_command_line(tmp_path, mindspore_peer):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == f"wrote {out} (and config.json, mindformers.yaml beside it)\n"
     assert sorted(p.name for p in out.parent.iterdir()) == ["config.json", "llama3.ckpt", "mindformers.yaml"]
-    loaded = _ms_values(mindspore_peer, out, tmp_path)
+    loaded = mindspore_values(mindspore_peer, out, tmp_path)
     assert loaded["model.layers.0.attention.w_qkv.weight"][:2] == ([128, 64], "BFloat16")
     assert loaded["lm_head.weight"][0] == [128, 64]  # tied, written as MindFormers does from state_dict()
 
@@ -231,12 +222,7 @@ def test_safetensors_container_loads_in_mindspore_and_comes_back_exact(tmp_path,
         assert f.metadata() == {"format": "ms"}
     cfg = json.loads((hf_dir / "config.json").read_text())
     expected = _expected(load_file(hf_dir / "model.safetensors"), cfg, "separate")
-    loaded = _ms_values(mindspore_peer, ms / "model.safetensors", tmp_path)
-    assert sorted(loaded) == sorted(expected)
-    for name, t in expected.items():
-        shape, dtype, value = loaded[name]
-        assert (shape, dtype) == (list(t.shape), ms_dtype), name
-        assert np.array_equal(value, t.numpy()), name
+    assert_mindspore_holds(mindspore_peer, ms / "model.safetensors", tmp_path, expected, ms_dtype)
     # config.json beside model.safetensors must not make it look like a Hugging Face directory
     plan = weightport.plan_conversion(ms, tmp_path / "x", "hf")
     assert (plan.source.format.name, plan.source.variant) == ("mindspore", "safetensors, separate layout")
@@ -277,7 +263,7 @@ def test_gmm_layout_stacks_experts_in_by_out(tmp_path, mindspore_peer):
     cfg = json.loads((hf_dir / "config.json").read_text())
     expected = _expected(load_file(hf_dir / "model.safetensors"), cfg, "separate")
     expected = {n: t.transpose(1, 2) if ".feed_forward.ffn." in n else t for n, t in expected.items()}
-    loaded = _ms_values(mindspore_peer, ms / "model.ckpt", tmp_path)
+    loaded = mindspore_values(mindspore_peer, ms / "model.ckpt", tmp_path)
     assert sorted(loaded) == sorted(expected)
     for name, t in expected.items():
         assert loaded[name][0] == list(t.shape) and np.array_equal(loaded[name][2], t.numpy()), name

@@ -12,11 +12,10 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import weightport
-from conftest import hf_logits, run_cli
+from conftest import apply_rules, assert_mindspore_holds, hf_logits, mindspore_values, run_cli
 from weightport.archs import model_from_hf_config
 from weightport.errors import WeightportError
 from weightport.formats import FORMATS
-from weightport.plan import Step
 from weightport.verify import verify
 
 # build_hf speaks Llama config keys; GPT-2 has its own (n_embd, n_layer, n_inner, ...)
@@ -57,11 +56,6 @@ def _expected(hf: dict[str, torch.Tensor], cfg: dict) -> dict[str, torch.Tensor]
     return out
 
 
-def _ms_values(peer, ckpt, tmp_path) -> dict[str, tuple[list, str, np.ndarray]]:
-    (result,) = peer([{"op": "load", "path": str(ckpt), "crc_check": False, "out_dir": str(tmp_path / "ms_npy")}],
-                     tmp_path)
-    assert "error" not in result, result
-    return {p["name"]: (p["shape"], p["dtype"], np.load(p["npy"])) for p in result["params"]}
 
 
 def _same_files(a: Path, b: Path) -> None:
@@ -80,12 +74,7 @@ def test_hf_to_mindspore_loads_in_mindspore_and_comes_back_exact(tmp_path, minds
     cfg = json.loads((hf_dir / "config.json").read_text())
     expected = _expected(load_file(hf_dir / "model.safetensors"), cfg)
 
-    loaded = _ms_values(mindspore_peer, ms / "model.ckpt", tmp_path)
-    assert set(loaded) == set(expected)
-    for name, t in expected.items():
-        shape, dtype, value = loaded[name]
-        assert (shape, dtype) == (list(t.shape), "Float32"), name
-        assert np.array_equal(value, t.numpy()), name
+    assert_mindspore_holds(mindspore_peer, ms / "model.ckpt", tmp_path, expected, "Float32")
 
     mc = yaml.safe_load((ms / "mindformers.yaml").read_text())
     assert mc["weightport"] == {"layout": "separate", "hf_architecture": "GPT2LMHeadModel"}
@@ -109,7 +98,7 @@ def test_bfloat16_on_write_is_native(tmp_path, mindspore_peer):
     hf_dir = build_gpt2(tmp_path / "hf")
     ms = tmp_path / "ms"
     weightport.convert(hf_dir, ms, "mindspore", dtype="bfloat16")
-    loaded = _ms_values(mindspore_peer, ms / "model.ckpt", tmp_path)
+    loaded = mindspore_values(mindspore_peer, ms / "model.ckpt", tmp_path)
     expected = _expected(load_file(hf_dir / "model.safetensors"), json.loads((hf_dir / "config.json").read_text()))
     assert set(loaded) == set(expected) and {d for _, d, _ in loaded.values()} == {"BFloat16"}
     for name, t in expected.items():
@@ -184,12 +173,6 @@ def test_dry_run_plan(tmp_path):
     assert not (tmp_path / "ms").exists()
 
 
-def _apply(rules, tensors, backward):
-    out = {}
-    for r in rules:
-        step = Step(r.fmt, r.hub, r.op, backward=True) if backward else Step(r.hub, r.fmt, r.op, backward=False)
-        out.update(zip(step.outputs, step.run([tensors[n] for n in step.inputs])))
-    return out
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -209,13 +192,13 @@ def test_every_rule_set_round_trips(dtype):
             except WeightportError as e:  # another family's layout
                 assert name == "mindspore" and "is not one of gpt2's" in str(e), e
                 continue
-            stored = _apply(rules, hub, backward=False)
+            stored = apply_rules(rules, hub, backward=False)
             claimed = [f for r in rules for f in r.fmt]
             assert len(claimed) == len(set(claimed)) == len(stored), name
             for r in rules:
                 planned = r.op.forward_shapes([tuple(hub_shapes[h]) for h in r.hub])
                 assert [tuple(stored[f].shape) for f in r.fmt] == [tuple(s) for s in planned], (name, r)
-            back = _apply(rules, stored, backward=True)
+            back = apply_rules(rules, stored, backward=True)
             assert sorted(back) == sorted(hub) and all(torch.equal(back[n], hub[n]) for n in hub), (name, layout)
             checked.append((name, layout))
     assert {("hf", None), ("mindspore", "separate")} <= set(checked)

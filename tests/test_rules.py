@@ -11,7 +11,7 @@ from weightport.archs import model_from_hf_config
 from weightport.errors import WeightportError
 from weightport.formats import FORMATS
 from weightport.formats.litgpt import litgpt_rules
-from weightport.plan import Step
+from conftest import apply_rules
 from weightport.ops import (Cast, Chain, Concat, GroupInterleave, Identity, PadRows, RotaryPermute, Split, Stack,
                             Tie, TiedWeightsDiffer, Transpose)
 
@@ -54,21 +54,14 @@ def _random_hub(model, dtype):
     return {n: torch.randn(s, generator=g).to(dtype) for n, s in model.hub_tensors().items()}
 
 
-def _apply(rules, tensors, backward):
-    """Run rules the way the executor does: forward hub -> format, backward format -> hub."""
-    out = {}
-    for r in rules:
-        step = Step(r.fmt, r.hub, r.op, backward=True) if backward else Step(r.hub, r.fmt, r.op, backward=False)
-        out.update(zip(step.outputs, step.run([tensors[n] for n in step.inputs])))
-    return out
 
 
 def _forward(rules, hub):
-    return _apply(rules, hub, backward=False)
+    return apply_rules(rules, hub, backward=False)
 
 
 def _backward(rules, stored):
-    return _apply(rules, stored, backward=True)
+    return apply_rules(rules, stored, backward=True)
 
 
 def _assert_identical(a, b):
