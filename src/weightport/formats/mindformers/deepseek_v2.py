@@ -76,8 +76,6 @@ def check(model: Model) -> None:
         raise WeightportError("MindFormers' DeepSeek-V2 has no tied embeddings (tie_word_embeddings)")
 
 
-
-
 def to_yaml(model: Model, dtype: torch.dtype, layout: str) -> dict:
     """The model block and moe_config of MindFormers' predict_deepseek2_236B.yaml, filled in."""
     d, cfg = model.dims, model.config

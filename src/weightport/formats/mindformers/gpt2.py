@@ -84,8 +84,6 @@ def check(model: Model) -> None:
         raise WeightportError("MindFormers' GPT-2 " + "; it ".join(problems))
 
 
-
-
 def to_yaml(model: Model, dtype: torch.dtype, layout: str) -> dict:
     """The model block of MindFormers' configs/gpt2/run_gpt2.yaml, filled in."""
     d, cfg = model.dims, model.config

@@ -19,7 +19,6 @@ TRAINING_STATE = frozenset({"global_step", "epoch_num", "step_num", "loss_scale"
                             "global_batch_size", "current_iterator_step", "last_overflow_iterator_step"})
 
 
-
 def to_mindformers(model: Model, dtype: torch.dtype, layout: str) -> dict:
     d, cfg = model.dims, model.config
     mc = {
