@@ -193,8 +193,8 @@ def test_mindformers_compatible_command_line(tmp_path, mindspore_peer):
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
     for args, message in (
-        (["--model", "cogvlm2"], "--model cogvlm2: in MindFormers' table, but weightport does not convert it "
-                                 f"yet (supported: {', '.join(MINDFORMERS_KEYS)})"),
+        (["--model", "telechat"], "--model telechat: in MindFormers' table, but weightport does not convert it "
+                                  f"yet (supported: {', '.join(MINDFORMERS_KEYS)})"),
         (["--model", "qwen2"], f"--model qwen2: {hf_dir} is a llama model (LlamaForCausalLM)"),
         (["--model", "llama", "--layers", "32"], "--layers 32: the model's config says 2"),
         (["--model", "llama"], f"{out}: already exists; pass --force to replace it"),

@@ -160,7 +160,9 @@ def test_glm_matches_mindformers_converter_and_mindspore(tmp_path, mindformers_g
     cfg = json.loads((tmp_path / "back2" / "config.json").read_text())
     assert {k: cfg[k] for k in ("num_layers", "kv_channels", "multi_query_group_num", "ffn_hidden_size")} == \
         {k: CONFIG[k] for k in ("num_layers", "kv_channels", "multi_query_group_num", "ffn_hidden_size")}
-    assert verify(hf, ours.parent, tensors_only=True).equivalent
+    report = verify(hf, ours.parent, samples=1)
+    assert report.equivalent and report.function is None
+    assert report.notes == ["function level not run: ChatGLMModel is not part of transformers"]
 
 
 def test_glm_rearranged_file_needs_its_yaml(tmp_path):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import api
 from .errors import WeightportError
-from .formats.mindformers import NAME_SETS
+from .formats.mindformers import BY_ARCH, NAME_SETS
 from .formats.mindformers import from_yaml as mindformers_yaml
 
 # MindFormers --model keys we convert, and the Hugging Face architectures each accepts
@@ -60,6 +60,8 @@ def add_parser(sub) -> None:
                    help="a MindFormers model yaml whose qkv_concat / mlp_concat / use_rearrange_rope (glm-n) or "
                         "qkv_concat / use_gmm (llama family) say which layout to write (forward) or read (reversed), "
                         "as MindFormers' glm converter takes it; glm-n without it: fused, as ChatGLM2Config defaults")
+    m.add_argument("--modal", choices=["image", "video"],
+                   help="cogvlm2: checked against the checkpoint (CogVLM2 image or video model)")
     m.add_argument("--n_head", type=int, metavar="N", help="checked against the config: attention heads")
     m.add_argument("--hidden_size", type=int, metavar="N", help="checked against the config: hidden size")
     m.add_argument("--layers", type=int, metavar="N", help="checked against the config: number of layers")
@@ -104,9 +106,9 @@ def run(args) -> str:
 
 
 def _layout(args) -> str | None:
-    """The layout MindFormers' converter writes (forward) or the file holds (reversed; None: let
-    the file and its yaml say). Its glm converter takes the layout from the model yaml (--config)."""
-    glm = MODELS[args.model] == ("chatglm",)
+    """The layout to write (forward) or read (reversed); None: the family's default, or on read
+    whatever the file and its yaml say. MindFormers' glm converter takes it from the model yaml
+    (--config); its Llama family from --qkv_concat (the >= 1.5 interleaved fusion)."""
     concat = args.qkv_concat
     if args.config:
         try:
@@ -114,15 +116,21 @@ def _layout(args) -> str | None:
                 data = yaml.safe_load(f)
         except (OSError, yaml.YAMLError) as e:
             raise WeightportError(f"--config {args.config}: cannot read ({str(e).splitlines()[0]})") from None
-        cfg, layout = mindformers_yaml(data if isinstance(data, dict) else {}, args.config)
+        _, layout = mindformers_yaml(data if isinstance(data, dict) else {}, args.config)
         if layout is not None:
             return layout
         concat = bool(data["model"]["model_config"].get("qkv_concat"))
-    if glm:
-        return None if args.reversed else "fused"
-    if concat:
-        return "fused-interleaved"
-    return None if args.reversed else "separate"
+    layouts = BY_ARCH[MODELS[args.model][0]].layouts
+    if not concat:
+        # the root script's --qkv_concat defaults to False: the split layout, where there is one
+        glm = args.model in ("glm-n", "glm4")
+        return None if args.reversed or glm or "separate" not in layouts else "separate"
+    # the converters that take the flag: Llama family and InternLM2 (interleaved), Qwen-VL (plain)
+    fused = next((l for l in ("fused-interleaved", "fused") if l in layouts), None)
+    if fused is None or args.model in ("glm-n", "glm4"):
+        raise WeightportError(f"--qkv_concat: MindFormers' {args.model} converter has no such option"
+                              + (" (its layout comes from --config)" if args.model in ("glm-n", "glm4") else ""))
+    return fused
 
 
 def _check(args, plan) -> None:
@@ -131,6 +139,11 @@ def _check(args, plan) -> None:
         plan.source.close()
         raise WeightportError(f"--model {args.model}: {args.input_path} is a {model.arch.name} model "
                               f"({model.arch.hf_class})")
+    if args.modal and model.arch.name.startswith("cogvlm2"):
+        modal = "video" if model.arch.name.endswith("video") else "image"
+        if args.modal != modal:
+            plan.source.close()
+            raise WeightportError(f"--modal {args.modal}: {args.input_path} is a CogVLM2 {modal} model")
     for flag, value in (("n_head", model.dims.n_head), ("hidden_size", model.dims.hidden),
                         ("layers", model.dims.n_layer)):
         given = getattr(args, flag)

@@ -229,6 +229,32 @@ def Each(op: Op, n: int) -> Op:
 
 
 @dataclass(frozen=True)
+class AddAxis(Op):
+    """A size-1 axis inserted at `dim`; the inverse removes it (and refuses one that is not size 1)."""
+
+    dim: int
+
+    def forward(self, xs):
+        return [xs[0].unsqueeze(self.dim)]
+
+    def inverse(self, ys):
+        return [ys[0].squeeze(self.dim)]
+
+    def forward_shapes(self, shapes):
+        (s,) = shapes
+        return [(*s[:self.dim], 1, *s[self.dim:])]
+
+    def inverse_shapes(self, shapes):
+        (s,) = shapes
+        if len(s) <= self.dim or s[self.dim] != 1:
+            raise ValueError(f"expected size 1 at dim {self.dim}, got shape {list(s)}")
+        return [(*s[:self.dim], *s[self.dim + 1:])]
+
+    def __str__(self):
+        return f"add_axis(dim={self.dim})"
+
+
+@dataclass(frozen=True)
 class Stack(Op):
     """n same-shaped tensors (e.g. one per expert) -> one with a new leading dim."""
 

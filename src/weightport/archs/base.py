@@ -48,6 +48,8 @@ class Arch:
     # what the *ForCausalLM class puts before its base model's names; checkpoints saved from the
     # base model alone (GPT2Model, the original openai-community/gpt2 files) lack it
     base_prefix: str = ""
+    # what `verify` can run: a decoder taking token ids (AutoModelForCausalLM), not e.g. Whisper
+    causal_lm: bool = True
 
     def is_droppable(self, name: str) -> bool:
         return any(re.fullmatch(re.escape(t).replace(r"\{l\}", r"\d+").replace(r"\{e\}", r"\d+"), name)

@@ -156,6 +156,7 @@ def verify(a: str | Path, b: str | Path, *, format_a: str | None = None, format_
                   leave=False, dynamic_ncols=True) as bar:
             tensors = compare_checkpoints(ckpt_a, ckpt_b, progress=bar.update)
         vocab = min(ckpt_a.model.dims.vocab, ckpt_b.model.dims.vocab)
+        arch = ckpt_a.model.arch
     finally:
         ckpt_a.close()
         ckpt_b.close()
@@ -164,6 +165,12 @@ def verify(a: str | Path, b: str | Path, *, format_a: str | None = None, format_
         return report
     if not transformers_available():
         report.notes.append("function level not run: transformers is not installed (pip install transformers)")
+        return report
+    import transformers
+
+    if not arch.causal_lm or getattr(transformers, arch.hf_class, None) is None:
+        why = "is not a causal LM taking token ids" if arch.causal_lm is False else "is not part of transformers"
+        report.notes.append(f"function level not run: {arch.hf_class} {why}")
         return report
     try:
         report.function = _run_function_level(report, a, b, data, samples, runtime or "transformers",

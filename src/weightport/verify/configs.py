@@ -20,6 +20,13 @@ FUNCTION_KEYS = (
     # GPT-2
     "activation_function", "layer_norm_epsilon", "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
     "reorder_and_upcast_attn",
+    # InternLM / InternLM2: one switch for the q, k, v, o biases; InternLM's rotary base and kind
+    "bias", "rotary",
+    # Qwen (first generation): its rotary and long-context settings (seq_length is where logn
+    # scaling and dynamic NTK start) and Qwen-VL's vision encoder
+    "rotary_emb_base", "rotary_pct", "use_dynamic_ntk", "use_logn_attn", "seq_length", "visual",
+    # Whisper: Dims hold the decoder; the encoder's heads and the embedding scale change no shapes
+    "encoder_attention_heads", "scale_embedding",
 )
 
 
