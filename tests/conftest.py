@@ -193,6 +193,53 @@ def apply_rules(rules, tensors: dict, backward: bool) -> dict:
     return out
 
 
+def ckpt_names(path: Path) -> list[str]:
+    """The tensor names of a MindSpore .ckpt, in file order (weightport's own reader)."""
+    from weightport.io.ms_ckpt import MsCkptFile
+
+    f = MsCkptFile(path)
+    try:
+        return list(f.entries)
+    finally:
+        f.close()
+
+
+def assert_same_tensors(src: dict[str, torch.Tensor], back_dir: Path) -> None:
+    """`back_dir`'s model.safetensors holds exactly `src`: names, dtypes, every bit."""
+    from safetensors.torch import load_file
+
+    back = load_file(back_dir / "model.safetensors")
+    assert sorted(back) == sorted(src)
+    for k in src:
+        assert back[k].dtype == src[k].dtype and torch.equal(back[k], src[k]), k
+
+
+def rule_sets_round_trip(model, dtype: torch.dtype) -> list[tuple[str, str | None]]:
+    """Every format and layout that can hold `model`: random hub tensors go forward through its
+    rules with the shapes the plan predicts and come back bit-identical. Returns what was checked."""
+    from weightport.formats import FORMATS
+
+    hub_shapes = model.hub_tensors()
+    g = torch.Generator().manual_seed(0)
+    hub = {n: torch.randn(s, generator=g).to(dtype) for n, s in hub_shapes.items()}
+    checked = []
+    for name, fmt in FORMATS.items():
+        if model.arch.name not in fmt.archs:
+            continue
+        for layout in fmt.layouts_for(model) or (None,):
+            rules = fmt.target_rules(model, layout)
+            stored = apply_rules(rules, hub, backward=False)
+            claimed = [f for r in rules for f in r.fmt]
+            assert len(claimed) == len(set(claimed)) == len(stored), name
+            for r in rules:
+                planned = r.op.forward_shapes([tuple(hub_shapes[h]) for h in r.hub])
+                assert [tuple(stored[f].shape) for f in r.fmt] == [tuple(s) for s in planned], (name, r)
+            back = apply_rules(rules, stored, backward=True)
+            assert sorted(back) == sorted(hub) and all(torch.equal(back[n], hub[n]) for n in hub), (name, layout)
+            checked.append((name, layout))
+    return checked
+
+
 @pytest.fixture(scope="session")
 def mindspore_peer():
     """Runs tests/peers/mindspore_peer.py jobs with the real MindSpore, in a subprocess.

@@ -16,10 +16,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import weightport
-from conftest import assert_mindspore_holds, run_cli
+from conftest import assert_mindspore_holds, assert_same_tensors, ckpt_names, run_cli
 from weightport.archs import model_from_hf_config
 from weightport.formats.mindformers import names_for
-from weightport.io.ms_ckpt import MsCkptFile
 from weightport.verify import verify
 
 E, I, V, HEADS, LAYERS = 64, 96, 128, 4, 2
@@ -75,21 +74,6 @@ def expected(hf: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-def _names(ckpt) -> list[str]:
-    f = MsCkptFile(ckpt)
-    try:
-        return list(f.entries)
-    finally:
-        f.close()
-
-
-def _same_tensors(src: dict, back_dir):
-    back = load_file(back_dir / "model.safetensors")
-    assert sorted(back) == sorted(src)
-    for k in src:
-        assert back[k].dtype == src[k].dtype and torch.equal(back[k], src[k]), k
-
-
 @pytest.mark.parametrize("size", list(CONFIGS))
 def test_baichuan2_to_mindspore_loads_and_comes_back_exact(tmp_path, mindspore_peer, size):
     hf_dir = build(tmp_path / "hf", CONFIGS[size])
@@ -102,7 +86,7 @@ def test_baichuan2_to_mindspore_loads_and_comes_back_exact(tmp_path, mindspore_p
     assert plan.dropped == []
     plan.source.close()
     weightport.convert(hf_dir, ms, "mindspore", layout="separate")
-    assert _names(ms / "model.ckpt") == list(want)
+    assert ckpt_names(ms / "model.ckpt") == list(want)
     assert_mindspore_holds(mindspore_peer, ms / "model.ckpt", tmp_path, want, "Float32")
 
     mf = yaml.safe_load((ms / "mindformers.yaml").read_text())
@@ -112,7 +96,7 @@ def test_baichuan2_to_mindspore_loads_and_comes_back_exact(tmp_path, mindspore_p
     assert (mc["type"], mc["num_heads"], mc["hidden_size"], mc["qkv_concat"]) == ("LlamaConfig", HEADS, E, False)
 
     weightport.convert(ms, tmp_path / "back", "hf")
-    _same_tensors(hf, tmp_path / "back")
+    assert_same_tensors(hf, tmp_path / "back")
     assert json.loads((tmp_path / "back" / "config.json").read_text())["auto_map"] == COMMON["auto_map"]
     report = verify(hf_dir, ms, tensors_only=True)
     assert report.equivalent, report.render()
@@ -125,7 +109,7 @@ def test_baichuan2_to_mindspore_loads_and_comes_back_exact(tmp_path, mindspore_p
     assert (plan.source.model.arch.name, plan.source.notes) == ("baichuan", ["config from mindformers.yaml"])
     plan.source.close()
     weightport.convert(ms, tmp_path / "back2", "hf")
-    _same_tensors(hf, tmp_path / "back2")
+    assert_same_tensors(hf, tmp_path / "back2")
     assert verify(hf_dir, tmp_path / "back2", tensors_only=True).equivalent
 
 
@@ -158,7 +142,7 @@ def test_mindformers_command_line(tmp_path, mindspore_peer):
     proc = run_cli("mindformers", "--model", "baichuan2", "--reversed", "--input_path", out,
                    "--output_path", tmp_path / "back")
     assert proc.returncode == 0, proc.stderr
-    _same_tensors(src, tmp_path / "back")
+    assert_same_tensors(src, tmp_path / "back")
 
     # its converter splits W_pack always; there is no fused Baichuan2 file to write
     proc = run_cli("mindformers", "--model", "baichuan2", "--qkv_concat", "True", "--input_path", hf_dir,

@@ -24,8 +24,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import weightport
-from conftest import assert_mindspore_holds, run_cli
-from weightport.io.ms_ckpt import MsCkptFile
+from conftest import assert_mindspore_holds, ckpt_names, run_cli
 from weightport.verify import verify
 
 VISION = {"dropout_prob": 0.0, "hidden_act": "gelu", "hidden_size": 32, "image_size": 8, "in_channels": 3,
@@ -149,14 +148,6 @@ def _without_inv_freq(tensors: dict) -> dict:
     return {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
 
 
-def _names(ckpt) -> list[str]:
-    f = MsCkptFile(ckpt)
-    try:
-        return list(f.entries)
-    finally:
-        f.close()
-
-
 @pytest.mark.parametrize("modal", MODALS)
 def test_cogvlm2_to_mindspore_and_back(tmp_path, mindspore_peer, modal):
     hf = build_cogvlm2(tmp_path / "hf", modal)
@@ -233,7 +224,7 @@ def test_cogvlm2_mindformers_command_line(tmp_path, modal):
     assert proc.stderr == f"weightport: error: --modal {other}: {hf} is a CogVLM2 {modal} model\n"
     proc = run_cli("mindformers", "--model", "cogvlm2", "--modal", modal, "--input_path", hf, "--output_path", out)
     assert proc.returncode == 0, proc.stderr
-    assert sorted(_names(out)) == sorted(_expected(load_file(hf / "model.safetensors"), modal))
+    assert sorted(ckpt_names(out)) == sorted(_expected(load_file(hf / "model.safetensors"), modal))
     rev = tmp_path / "rev"
     proc = run_cli("mindformers", "--model", "cogvlm2", "--reversed", "--input_path", out, "--output_path", rev)
     assert proc.returncode == 0, proc.stderr

@@ -18,7 +18,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import weightport
-from conftest import run_cli
+from conftest import ckpt_names, run_cli
 from weightport.io.ms_ckpt import TORCH_TO_MS, MsCkptFile
 from weightport.verify import verify
 
@@ -197,7 +197,7 @@ def test_glm_mindformers_command_line(tmp_path):
     src = load_file(hf / "model.safetensors")
     back = load_file(rev / "model.safetensors")
     assert all(torch.equal(back[k], src[k]) for k in back) and len(back) == len(src) - 1
-    assert "transformer.encoder.layers.0.self_attention.query_key_value.weight" in _names(out)  # fused by default
+    assert "transformer.encoder.layers.0.self_attention.query_key_value.weight" in ckpt_names(out)  # fused by default
 
     # the layout from a MindFormers model yaml, as its glm converter takes it (--config)
     config = tmp_path / "run_glm4.yaml"
@@ -209,7 +209,7 @@ def test_glm_mindformers_command_line(tmp_path):
     proc = run_cli("mindformers", "--model", "glm4", "--input_path", hf, "--output_path", out2, "--config", config)
     assert proc.returncode == 0, proc.stderr
     (out2.parent / "mindformers.yaml").unlink()  # so only --config can say it is rearranged
-    assert "transformer.encoder.layers.0.self_attention.wq.weight" in _names(out2)
+    assert "transformer.encoder.layers.0.self_attention.wq.weight" in ckpt_names(out2)
     shutil.rmtree(rev)
     proc = run_cli("mindformers", "--model", "glm4", "--reversed", "--input_path", out2, "--output_path", rev,
                    "--config", config)
@@ -218,9 +218,3 @@ def test_glm_mindformers_command_line(tmp_path):
     assert all(torch.equal(back[k], src[k]) for k in back) and len(back) == len(src) - 1
 
 
-def _names(ckpt) -> list[str]:
-    f = MsCkptFile(ckpt)
-    try:
-        return list(f.entries)
-    finally:
-        f.close()

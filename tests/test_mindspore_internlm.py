@@ -17,10 +17,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import weightport
-from conftest import apply_rules, assert_mindspore_holds, run_cli
+from conftest import apply_rules, assert_mindspore_holds, assert_same_tensors, ckpt_names, run_cli
 from weightport.archs import model_from_hf_config
 from weightport.formats.mindformers import names_for
-from weightport.io.ms_ckpt import MsCkptFile
 from weightport.verify import verify
 
 E, I, V, HEADS, KV, LAYERS = 64, 96, 128, 4, 2, 2
@@ -118,21 +117,6 @@ def expected_internlm2(hf: dict, layout: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _names(ckpt) -> list[str]:
-    f = MsCkptFile(ckpt)
-    try:
-        return list(f.entries)
-    finally:
-        f.close()
-
-
-def _same_tensors(src: dict, back_dir):
-    back = load_file(back_dir / "model.safetensors")
-    assert sorted(back) == sorted(src)
-    for k in src:
-        assert back[k].dtype == src[k].dtype and torch.equal(back[k], src[k]), k
-
-
 def _yaml_only(ms, name):
     """Leave only a MindFormers yaml beside the .ckpt, as MindFormers' own run yaml would be."""
     (ms / "config.json").unlink()
@@ -163,7 +147,7 @@ def test_internlm_to_mindspore_loads_and_comes_back_exact(tmp_path, mindspore_pe
     assert plan.dropped == buffers
     plan.source.close()
     weightport.convert(hf_dir, ms, "mindspore", layout=layout)
-    assert _names(ms / "model.ckpt") == list(expected)
+    assert ckpt_names(ms / "model.ckpt") == list(expected)
     assert_mindspore_holds(mindspore_peer, ms / "model.ckpt", tmp_path, expected, "Float32")
 
     mf = yaml.safe_load((ms / "mindformers.yaml").read_text())
@@ -179,7 +163,7 @@ def test_internlm_to_mindspore_loads_and_comes_back_exact(tmp_path, mindspore_pe
 
     src = {n: t for n, t in hf.items() if not n.endswith("inv_freq")}
     weightport.convert(ms, tmp_path / "back", "hf")
-    _same_tensors(src, tmp_path / "back")
+    assert_same_tensors(src, tmp_path / "back")
     report = verify(hf_dir, ms, tensors_only=True)
     assert report.equivalent, report.render()
 
@@ -189,7 +173,7 @@ def test_internlm_to_mindspore_loads_and_comes_back_exact(tmp_path, mindspore_pe
     assert plan.source.variant == f".ckpt, {layout} layout"
     plan.source.close()
     weightport.convert(ms, tmp_path / "back2", "hf")
-    _same_tensors(src, tmp_path / "back2")
+    assert_same_tensors(src, tmp_path / "back2")
     report = verify(hf_dir, tmp_path / "back2", tensors_only=True)
     assert report.equivalent, report.render()  # the config level too: bias, rotary base, kv heads came back
 
@@ -204,7 +188,7 @@ def test_internlm2_layout_is_read_from_the_names(tmp_path):
         weightport.convert(hf_dir, ms, "mindspore", layout=layout)
         (ms / "mindformers.yaml").rename(tmp_path / f"{layout}.yaml")
         weightport.convert(ms, tmp_path / f"back-{layout}", "hf")
-        _same_tensors(src, tmp_path / f"back-{layout}")
+        assert_same_tensors(src, tmp_path / f"back-{layout}")
     fused_yaml = yaml.safe_load((tmp_path / "fused-interleaved.yaml").read_text())
     del fused_yaml["weightport"]  # so only its qkv_concat: true speaks
     (tmp_path / "separate" / "run_internlm2.yaml").write_text(yaml.safe_dump(fused_yaml))
@@ -237,11 +221,11 @@ def test_mindformers_command_line(tmp_path, mindspore_peer, arch):
     proc = run_cli("mindformers", "--model", arch, "--input_path", hf_dir, "--output_path", out)
     assert proc.returncode == 0, proc.stderr
     # as the root convert_weight.py's default --qkv_concat False: wq/wk/wv
-    assert "model.layers.0.attention.wq.weight" in _names(out)
+    assert "model.layers.0.attention.wq.weight" in ckpt_names(out)
     proc = run_cli("mindformers", "--model", arch, "--reversed", "--input_path", out,
                    "--output_path", tmp_path / "back")
     assert proc.returncode == 0, proc.stderr
-    _same_tensors(src, tmp_path / "back")
+    assert_same_tensors(src, tmp_path / "back")
 
     other = "internlm2" if arch == "internlm" else "internlm"
     proc = run_cli("mindformers", "--model", other, "--input_path", hf_dir, "--output_path", tmp_path / "o.ckpt")
@@ -254,14 +238,14 @@ def test_mindformers_command_line(tmp_path, mindspore_peer, arch):
     proc = run_cli("mindformers", "--model", arch, "--qkv_concat", "True", "--input_path", hf_dir,
                    "--output_path", fused)
     assert proc.returncode == 0, proc.stderr
-    loaded = [n for n in _names(fused) if n.startswith("model.layers.0.attention.")]
+    loaded = [n for n in ckpt_names(fused) if n.startswith("model.layers.0.attention.")]
     assert loaded == ["model.layers.0.attention.w.weight", "model.layers.0.attention.wo.weight"]
     expected = expected_internlm2({n: load_file(hf_dir / "model.safetensors")[n] for n, _ in spec}, "fused-interleaved")
     assert_mindspore_holds(mindspore_peer, fused, tmp_path, expected, "Float32")
     proc = run_cli("mindformers", "--model", arch, "--reversed", "--input_path", fused,
                    "--output_path", tmp_path / "b2")
     assert proc.returncode == 0, proc.stderr
-    _same_tensors(src, tmp_path / "b2")
+    assert_same_tensors(src, tmp_path / "b2")
 
 
 @pytest.mark.parametrize("arch", ["internlm", "internlm2"])

@@ -20,9 +20,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import weightport
-from conftest import run_cli
+from conftest import ckpt_names, run_cli
 from weightport.errors import WeightportError
-from weightport.io.ms_ckpt import MsCkptFile
 from weightport.verify import verify
 
 CONFIG = {
@@ -79,14 +78,6 @@ def _expected(hf: dict[str, torch.Tensor], cfg=CONFIG) -> dict[str, torch.Tensor
         else:
             out[name] = t
     return out
-
-
-def _names(ckpt) -> list[str]:
-    f = MsCkptFile(ckpt)
-    try:
-        return list(f.entries)
-    finally:
-        f.close()
 
 
 def _assert_same(a: dict, b: dict) -> None:
@@ -162,7 +153,7 @@ def test_qwen_mindformers_command_line(tmp_path):
     out.parent.mkdir()
     proc = run_cli("mindformers", "--model", "qwen", "--input_path", hf, "--output_path", out)
     assert proc.returncode == 0, proc.stderr
-    assert _names(out) == list(_expected(load_file(hf / "model.safetensors")))
+    assert ckpt_names(out) == list(_expected(load_file(hf / "model.safetensors")))
     rev = tmp_path / "rev"
     proc = run_cli("mindformers", "--model", "qwen", "--reversed", "--input_path", out, "--output_path", rev)
     assert proc.returncode == 0, proc.stderr
@@ -309,7 +300,7 @@ def test_qwen_vl_mindformers_command_line(tmp_path):
     out.parent.mkdir()
     proc = run_cli("mindformers", "--model", "qwenvl", "--input_path", hf, "--output_path", out)
     assert proc.returncode == 0, proc.stderr
-    assert _names(out) == list(_expected_vl(load_file(hf / "model.safetensors")))
+    assert ckpt_names(out) == list(_expected_vl(load_file(hf / "model.safetensors")))
     rev = tmp_path / "rev"
     proc = run_cli("mindformers", "--model", "qwenvl", "--reversed", "--input_path", out, "--output_path", rev)
     assert proc.returncode == 0, proc.stderr

@@ -8,23 +8,13 @@ heads) and an lm_head that is a NormHead (the model normalises its rows on use; 
 
 from __future__ import annotations
 
-from .base import Arch, Dims
+from .base import Arch, Dims, standard_dims
 
 L = "model.layers.{l}"
 
 
 def _dims(cfg: dict) -> Dims:
-    heads = cfg["num_attention_heads"]
-    return Dims(
-        n_layer=cfg["num_hidden_layers"],
-        hidden=cfg["hidden_size"],
-        n_head=heads,
-        n_kv=heads,
-        head_dim=cfg["hidden_size"] // heads,
-        intermediate=cfg["intermediate_size"],
-        vocab=cfg["vocab_size"],
-        tied=False,  # NormHead is its own parameter; no Baichuan2 config ties it
-    )
+    return standard_dims(cfg, tied=False)  # NormHead is its own parameter; no Baichuan2 config ties it
 
 
 def _tensors(d: Dims, cfg: dict) -> list:

@@ -32,6 +32,19 @@ class Dims:
         return self.n_kv * self.head_dim
 
 
+def standard_dims(cfg: dict, **override) -> Dims:
+    """Dims from the config keys most Hugging Face decoders share; `override` gives what an
+    architecture names or derives differently."""
+    heads = cfg["num_attention_heads"]
+    sizes = dict(n_layer=cfg["num_hidden_layers"], hidden=cfg["hidden_size"], n_head=heads,
+                 n_kv=cfg.get("num_key_value_heads") or heads,
+                 head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+                 intermediate=cfg["intermediate_size"], vocab=cfg["vocab_size"],
+                 tied=bool(cfg.get("tie_word_embeddings", False)))
+    sizes.update(override)
+    return Dims(**sizes)
+
+
 @dataclass(frozen=True)
 class Arch:
     """One architecture: how to read its sizes from config.json and which tensors it has."""

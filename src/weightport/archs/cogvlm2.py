@@ -13,23 +13,14 @@ must be given.
 
 from __future__ import annotations
 
-from .base import Arch, Dims
+from .base import Arch, Dims, standard_dims
 
 L = "model.layers.{l}"
 
 
 def _dims(cfg: dict) -> Dims:
-    heads = cfg["num_attention_heads"]
-    return Dims(
-        n_layer=cfg["num_hidden_layers"],
-        hidden=cfg["hidden_size"],
-        n_head=heads,
-        n_kv=cfg["num_multi_query_heads"],
-        head_dim=cfg["hidden_size"] // heads,  # modeling_cogvlm.py derives it; there is no head_dim key
-        intermediate=cfg["intermediate_size"],
-        vocab=cfg["vocab_size"],
-        tied=False,
-    )
+    # modeling_cogvlm.py derives head_dim (there is no key) and names its kv heads its own way
+    return standard_dims(cfg, n_kv=cfg["num_multi_query_heads"], tied=False)
 
 
 def _vision(d: Dims, cfg: dict) -> list:

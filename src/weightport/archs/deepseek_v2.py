@@ -7,7 +7,7 @@ tensor per routed expert (transformers fuses them on load and splits them again 
 from __future__ import annotations
 
 from ..errors import WeightportError
-from .base import Arch, Dims
+from .base import Arch, Dims, standard_dims
 
 L = "model.layers.{l}"
 
@@ -18,19 +18,9 @@ def _dims(cfg: dict) -> Dims:
     if cfg.get("moe_layer_freq", 1) != 1:
         raise WeightportError(f"DeepSeek-V2 with moe_layer_freq={cfg['moe_layer_freq']} is not supported "
                               "(transformers makes every layer from first_k_dense_replace on MoE)")
-    heads = cfg["num_attention_heads"]
-    return Dims(
-        n_layer=cfg["num_hidden_layers"],
-        hidden=cfg["hidden_size"],
-        n_head=heads,
-        n_kv=cfg.get("num_key_value_heads") or heads,
-        # the query/key head; values are v_head_dim wide and the rotary part qk_rope_head_dim
-        head_dim=cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"],
-        intermediate=cfg["intermediate_size"],
-        vocab=cfg["vocab_size"],
-        n_expert=cfg["n_routed_experts"],
-        tied=bool(cfg.get("tie_word_embeddings", False)),
-    )
+    # head_dim is the query/key head; values are v_head_dim wide and the rotary part qk_rope_head_dim
+    return standard_dims(cfg, head_dim=cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"],
+                         n_expert=cfg["n_routed_experts"])
 
 
 def _mlp(prefix: str, hidden: int, inter: int, bias: bool) -> list:

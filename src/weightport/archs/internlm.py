@@ -8,23 +8,15 @@ head: [the n_rep q heads of group g, k_g, v_g] for g = 0..n_kv-1.
 
 from __future__ import annotations
 
-from .base import Arch, Dims
+from .base import Arch, Dims, standard_dims
 
 L = "model.layers.{l}"
 
 
 def _dims(cfg: dict, n_kv_key: str | None) -> Dims:
     heads = cfg["num_attention_heads"]
-    return Dims(
-        n_layer=cfg["num_hidden_layers"],
-        hidden=cfg["hidden_size"],
-        n_head=heads,
-        n_kv=(cfg.get(n_kv_key) if n_kv_key else None) or heads,
-        head_dim=cfg["hidden_size"] // heads,
-        intermediate=cfg["intermediate_size"],
-        vocab=cfg["vocab_size"],
-        tied=bool(cfg.get("tie_word_embeddings", False)),
-    )
+    return standard_dims(cfg, n_kv=(cfg.get(n_kv_key) if n_kv_key else None) or heads,
+                         head_dim=cfg["hidden_size"] // heads)
 
 
 def _model(d: Dims, embed: str, layer: list, head: str) -> list:

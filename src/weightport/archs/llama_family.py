@@ -6,24 +6,14 @@ differs is declared per architecture below: biases, fused projections, experts, 
 
 from __future__ import annotations
 
-from .base import Arch, Dims
+from .base import Arch, Dims, standard_dims
 
 L = "model.layers.{l}"
 
 
 def _dims(cfg: dict, *, tied_default: bool = False, experts_key: str | None = None) -> Dims:
-    heads = cfg["num_attention_heads"]
-    return Dims(
-        n_layer=cfg["num_hidden_layers"],
-        hidden=cfg["hidden_size"],
-        n_head=heads,
-        n_kv=cfg.get("num_key_value_heads") or heads,
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-        intermediate=cfg["intermediate_size"],
-        vocab=cfg["vocab_size"],
-        n_expert=cfg.get(experts_key, 0) if experts_key else 0,
-        tied=bool(cfg.get("tie_word_embeddings", tied_default)),
-    )
+    return standard_dims(cfg, n_expert=cfg.get(experts_key, 0) if experts_key else 0,
+                         tied=bool(cfg.get("tie_word_embeddings", tied_default)))
 
 
 def _layer_tensors(d: Dims, *, qkv_bias=False, o_bias=False, mlp_bias=False, fused=False, moe=False):

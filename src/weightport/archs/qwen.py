@@ -9,24 +9,16 @@ is w1 * silu(w2) -> c_proj. config.json's intermediate_size is twice the width o
 
 from __future__ import annotations
 
-from .base import Arch, Dims
+from .base import Arch, Dims, standard_dims
 
 L = "transformer.h.{l}"
 
 
 def _dims(cfg: dict) -> Dims:
     heads = cfg["num_attention_heads"]
-    return Dims(
-        n_layer=cfg["num_hidden_layers"],
-        hidden=cfg["hidden_size"],
-        n_head=heads,
-        n_kv=heads,
-        head_dim=cfg.get("kv_channels") or cfg["hidden_size"] // heads,
-        # modeling_qwen.py's QWenMLP builds w1 and w2 with intermediate_size // 2 rows
-        intermediate=cfg["intermediate_size"] // 2,
-        vocab=cfg["vocab_size"],
-        tied=False,
-    )
+    # modeling_qwen.py's QWenMLP builds w1 and w2 with intermediate_size // 2 rows
+    return standard_dims(cfg, head_dim=cfg.get("kv_channels") or cfg["hidden_size"] // heads,
+                         intermediate=cfg["intermediate_size"] // 2, tied=False)
 
 
 def _tensors(d: Dims, cfg: dict) -> list:
