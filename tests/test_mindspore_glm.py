@@ -62,6 +62,9 @@ def build_chatglm(path, cfg=CONFIG):
     tensors["transformer.rotary_pos_emb.inv_freq"] = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    # the remote code a Hub download carries, which a converted directory needs to load
+    for module in ("configuration_chatglm.py", "modeling_chatglm.py"):
+        (path / module).write_text(f"# {module}: THUDM's remote code\n")
     return path
 
 
@@ -144,7 +147,9 @@ def test_glm_matches_mindformers_converter_and_mindspore(tmp_path, mindformers_g
     # back to Hugging Face, from our file and from MindFormers' own (with its yaml only)
     src = load_file(hf / "model.safetensors")
     del src["transformer.rotary_pos_emb.inv_freq"]
+    assert (ours.parent / "modeling_chatglm.py").read_text() == (hf / "modeling_chatglm.py").read_text()
     weightport.convert(ours.parent, tmp_path / "back", "hf")
+    assert {p.name for p in (tmp_path / "back").glob("*.py")} == {"configuration_chatglm.py", "modeling_chatglm.py"}
     back = load_file(tmp_path / "back" / "model.safetensors")
     assert back.keys() == src.keys() and all(torch.equal(back[k], src[k]) for k in src)
     mf_yaml = yaml.safe_load((ours.parent / "mindformers.yaml").read_text())

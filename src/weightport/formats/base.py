@@ -157,5 +157,12 @@ def copy_side_files(files: list[Path], directory: Path, skip: set[str] = frozens
     return written
 
 
+# what trust_remote_code checkpoints (ChatGLM, Baichuan2, InternLM, Qwen, CogVLM2) run from: their
+# modeling/configuration/tokenization modules and Qwen's tokenizer table; copied, never imported
+REMOTE_CODE_FILES = ("*.py", "*.tiktoken")
+
+
 def find_side_files(directory: Path) -> list[Path]:
-    return [directory / n for n in TOKENIZER_FILES if (directory / n).is_file()]
+    named = [directory / n for n in TOKENIZER_FILES if (directory / n).is_file()]
+    code = sorted(p for pattern in REMOTE_CODE_FILES for p in directory.glob(pattern) if p.is_file())
+    return named + code
