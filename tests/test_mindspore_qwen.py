@@ -147,15 +147,17 @@ def test_qwen_reads_a_file_mindformers_wrote(tmp_path, mindspore_peer):
     assert (cfg["model_type"], cfg["intermediate_size"], cfg["kv_channels"], cfg["no_bias"]) == ("qwen", 192, 16, True)
 
 
-def test_qwen_mindformers_command_line(tmp_path):
-    hf = build_qwen(tmp_path / "hf")
-    out = tmp_path / "out" / "qwen_7b.ckpt"
+@pytest.mark.parametrize("key", ["qwen", "qwenvl"])
+def test_qwen_mindformers_command_line(tmp_path, key):
+    build, expected = (build_qwen, _expected) if key == "qwen" else (build_qwen_vl, _expected_vl)
+    hf = build(tmp_path / "hf")
+    out = tmp_path / "out" / f"{key}.ckpt"
     out.parent.mkdir()
-    proc = run_cli("mindformers", "--model", "qwen", "--input_path", hf, "--output_path", out)
+    proc = run_cli("mindformers", "--model", key, "--input_path", hf, "--output_path", out)
     assert proc.returncode == 0, proc.stderr
-    assert ckpt_names(out) == list(_expected(load_file(hf / "model.safetensors")))
+    assert ckpt_names(out) == list(expected(load_file(hf / "model.safetensors")))
     rev = tmp_path / "rev"
-    proc = run_cli("mindformers", "--model", "qwen", "--reversed", "--input_path", out, "--output_path", rev)
+    proc = run_cli("mindformers", "--model", key, "--reversed", "--input_path", out, "--output_path", rev)
     assert proc.returncode == 0, proc.stderr
     _assert_same(load_file(rev / "model.safetensors"), load_file(hf / "model.safetensors"))
     other = run_cli("mindformers", "--model", "llama", "--input_path", hf, "--output_path", tmp_path / "l.ckpt")
@@ -292,19 +294,6 @@ def test_qwen_vl_loads_in_mindspore_and_comes_back_exact(tmp_path, mindspore_pee
     assert plan.source.variant == f".ckpt, {layout} layout" and plan.dropped == []
     plan.source.close()
     assert verify(hf, ms, tensors_only=True).equivalent
-
-
-def test_qwen_vl_mindformers_command_line(tmp_path):
-    hf = build_qwen_vl(tmp_path / "hf")
-    out = tmp_path / "out" / "qwenvl.ckpt"
-    out.parent.mkdir()
-    proc = run_cli("mindformers", "--model", "qwenvl", "--input_path", hf, "--output_path", out)
-    assert proc.returncode == 0, proc.stderr
-    assert ckpt_names(out) == list(_expected_vl(load_file(hf / "model.safetensors")))
-    rev = tmp_path / "rev"
-    proc = run_cli("mindformers", "--model", "qwenvl", "--reversed", "--input_path", out, "--output_path", rev)
-    assert proc.returncode == 0, proc.stderr
-    _assert_same(load_file(rev / "model.safetensors"), load_file(hf / "model.safetensors"))
 
 
 def test_qwen_drops_the_buffers_its_model_ignores(tmp_path):
