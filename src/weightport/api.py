@@ -22,14 +22,16 @@ def open_checkpoint(path: str | Path, fmt: str | None = None, layout: str | None
     adapter = formats.get(fmt) if fmt else formats.detect(path)
     if not path.exists():
         raise WeightportError(f"{path}: no such file or directory")
-    _check_layout(adapter, layout)
+    _check_choice(adapter, "layout", layout, adapter.layouts)
     return adapter.open(path, layout)
 
 
-def _check_layout(adapter, layout: str | None) -> None:
-    if layout is not None and layout not in adapter.layouts:
-        choices = f"choose one of {', '.join(adapter.layouts)}" if adapter.layouts else "it has only one"
-        raise WeightportError(f"format {adapter.name} has no layout {layout!r} ({choices})")
+def _check_choice(adapter, kind: str, value: str | None, choices: tuple[str, ...], model=None) -> None:
+    """A --layout or --container the format (for this model, when given) has."""
+    if value is not None and value not in choices:
+        what = f"choose one of {', '.join(choices)}" if choices else "it has only one"
+        scope = f" for {model.arch.name}" if model is not None and choices else ""
+        raise WeightportError(f"format {adapter.name} has no {kind} {value!r}{scope} ({what})")
 
 
 def _check_output(src: Path, out: Path, force: bool) -> None:
@@ -46,11 +48,7 @@ def plan_conversion(src: str | Path, out: str | Path, to: str, *, source_format:
                     layout: str | None = None, source_layout: str | None = None,
                     container: str | None = None) -> Plan:
     target = formats.get(to)
-    if not target.layouts:
-        _check_layout(target, layout)
-    if container is not None and container not in target.containers:
-        choices = f"choose one of {', '.join(target.containers)}" if target.containers else "it has only one"
-        raise WeightportError(f"format {target.name} has no container {container!r} ({choices})")
+    _check_choice(target, "container", container, target.containers)
     ckpt = open_checkpoint(src, source_format, source_layout)
     try:
         if isinstance(dtype, str):
@@ -58,10 +56,7 @@ def plan_conversion(src: str | Path, out: str | Path, to: str, *, source_format:
         size = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
         if ckpt.model.arch.name not in target.archs:
             raise WeightportError(f"format {target.name} does not support {ckpt.model.arch.name}")
-        choices = target.layouts_for(ckpt.model)
-        if layout is not None and layout not in choices:
-            raise WeightportError(f"format {target.name} has no layout {layout!r} for {ckpt.model.arch.name} "
-                                  f"(choose one of {', '.join(choices)})")
+        _check_choice(target, "layout", layout, target.layouts_for(ckpt.model), ckpt.model)
         return build_plan(ckpt, target, Path(out), dtype, WriteOptions(max_shard_size=size, layout=layout,
                                                                       container=container))
     except BaseException:
