@@ -73,6 +73,9 @@ class WriteOptions:
     layout: str | None = None
     # a format's file container (Format.containers), None for its default
     container: str | None = None
+    # tensor- and pipeline-parallel sizes for formats that store per-rank files (a `tensor_parallel = True` adapter)
+    tp: int = 1
+    pp: int = 1
 
 
 class Writer:
