@@ -46,8 +46,14 @@ def _check_output(src: Path, out: Path, force: bool) -> None:
 def plan_conversion(src: str | Path, out: str | Path, to: str, *, source_format: str | None = None,
                     dtype: str | torch.dtype | None = "auto", max_shard_size: str | int = "5GB",
                     layout: str | None = None, source_layout: str | None = None,
-                    container: str | None = None) -> Plan:
+                    container: str | None = None, tp: int = 1, pp: int = 1,
+                    allow_approximate: bool = False) -> Plan:
     target = formats.get(to)
+    for flag, n in (("--tp", tp), ("--pp", pp)):
+        if not isinstance(n, int) or n < 1:
+            raise WeightportError(f"{flag} must be a positive integer, got {n!r}")
+        if n != 1 and not getattr(target, "tensor_parallel", False):
+            raise WeightportError(f"format {target.name} has no per-rank files; {flag} applies to nanotron")
     _check_choice(target, "container", container, target.containers)
     ckpt = open_checkpoint(src, source_format, source_layout)
     try:
@@ -58,7 +64,8 @@ def plan_conversion(src: str | Path, out: str | Path, to: str, *, source_format:
             raise WeightportError(f"format {target.name} does not support {ckpt.model.arch.name}")
         _check_choice(target, "layout", layout, target.layouts_for(ckpt.model), ckpt.model)
         return build_plan(ckpt, target, Path(out), dtype, WriteOptions(max_shard_size=size, layout=layout,
-                                                                      container=container))
+                                                                      container=container, tp=tp, pp=pp,
+                                                                      allow_approximate=allow_approximate))
     except BaseException:
         ckpt.close()
         raise
@@ -67,14 +74,16 @@ def plan_conversion(src: str | Path, out: str | Path, to: str, *, source_format:
 def convert(src: str | Path, out: str | Path, to: str, *, source_format: str | None = None,
             dtype: str | torch.dtype | None = "auto", max_shard_size: str | int = "5GB", force: bool = False,
             allow_overflow: bool = False, dry_run: bool = False, progress: bool = False,
-            layout: str | None = None, source_layout: str | None = None, container: str | None = None) -> Plan:
+            layout: str | None = None, source_layout: str | None = None, container: str | None = None,
+            tp: int = 1, pp: int = 1, allow_approximate: bool = False) -> Plan:
     """Convert the checkpoint at `src` into format `to` at `out`; returns the executed plan."""
     src, out = Path(src), Path(out)
     if not src.exists():
         raise WeightportError(f"{src}: no such file or directory")
     _check_output(src, out, force)
     plan = plan_conversion(src, out, to, source_format=source_format, dtype=dtype, max_shard_size=max_shard_size,
-                           layout=layout, source_layout=source_layout, container=container)
+                           layout=layout, source_layout=source_layout, container=container,
+                           tp=tp, pp=pp, allow_approximate=allow_approximate)
     try:
         if not dry_run:
             execute(plan, force=force, allow_overflow=allow_overflow, progress=progress)

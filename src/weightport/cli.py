@@ -57,16 +57,30 @@ def _parser() -> argparse.ArgumentParser:
                    help="tensor layout variant of the target format; mindspore: separate (default: wq/wk/wv, "
                         "w1/w3), fused (w_qkv = cat(wq, wk, wv), w_gate_hidden = cat(w1, w3); MindFormers <= 1.3), "
                         "fused-interleaved (per-kv-group w_qkv, alternating gate/up rows; MindFormers >= 1.5), "
-                        "gmm (Mixtral experts stacked as (experts, in, out), MindFormers' use_gmm)")
+                        "gmm (Mixtral experts stacked as (experts, in, out), MindFormers' use_gmm); nanotron: "
+                        "rotate-half (default, rope_interleaved: false, HF q/k rows as they are) or interleaved "
+                        "(rope_interleaved: true, q/k rows permuted per head)")
     c.add_argument("--container", metavar="KIND",
                    help="file the target format stores its tensors in; mindspore: ckpt (default: a MindSpore "
                         ".ckpt) or safetensors (MindSpore safetensors, metadata format \"ms\", as MindFormers "
                         ">= 1.5 saves)")
+    c.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor-parallel size to write; nanotron: N shard files per sharded parameter, as N TP "
+                        "ranks would save them (N must divide the heads, vocabulary and MLP sizes; default: 1). "
+                        "Any TP size is read back without this option")
+    c.add_argument("--pp", type=int, default=1, metavar="N",
+                   help="pipeline-parallel size to write; nanotron: the pp rank in each shard file's name, from "
+                        "Nanotron's own cost-balanced split of the layers over N stages (default: 1)")
     c.add_argument("--from-layout", dest="source_layout", metavar="LAYOUT",
                    help="layout of the source, when the checkpoint does not record it (same names as --layout)")
     c.add_argument("--dry-run", action="store_true",
                    help="build and check the plan from file headers, print it (files, tensors, bytes, ops) and exit")
     c.add_argument("--force", action="store_true", help="replace OUT if it exists (only once the new one is complete)")
+    c.add_argument("--allow-approximate", action="store_true",
+                   help="convert what the target format can only approximate instead of refusing it, with a "
+                        "warning saying what changes (nanotron: Llama rope_scaling, which Nanotron stores but never "
+                        "applies); what cannot be held at all (biases, a head_dim other than hidden/heads) is still "
+                        "refused")
     c.add_argument("--allow-overflow", action="store_true",
                    help="with --dtype float16, cast even tensors with values beyond ±65504 (they become inf)")
     c.add_argument("--verify", action="store_true",
@@ -143,7 +157,11 @@ def _convert(args) -> int:
     plan = api.convert(args.src, args.out, args.to, source_format=args.source_format, dtype=args.dtype,
                        max_shard_size=args.max_shard_size, force=args.force, allow_overflow=args.allow_overflow,
                        dry_run=args.dry_run, progress=not args.quiet and sys.stderr.isatty(),
-                       layout=args.layout, source_layout=args.source_layout, container=args.container)
+                       layout=args.layout, source_layout=args.source_layout, container=args.container,
+                       tp=args.tp, pp=args.pp, allow_approximate=args.allow_approximate)
+    if args.quiet:
+        for warning in plan.warnings:
+            print(f"weightport: warning: {warning}", file=sys.stderr)
     if args.dry_run:
         print(plan.render(verbose=True))
         print("dry run: nothing written")

@@ -39,7 +39,7 @@ def execute(plan: Plan, *, force: bool = False, allow_overflow: bool = False, pr
         _stream(plan, writer, allow_overflow, progress)
         writer.close()
         writer = None
-        side = plan.target.write_metadata(tmp, plan.source, plan.source.model, _output_dtype(plan), plan.layout)
+        side = plan.target.write_metadata(tmp, plan.source, plan.source.model, _output_dtype(plan), plan.options)
         _fsync_dir(tmp)
         if out_dir.exists():
             if not force:

@@ -8,7 +8,7 @@ and that every target tensor has a producer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -48,7 +48,14 @@ class Plan:
     files: list[OutputFile]
     dtype: torch.dtype | None
     dropped: list[tuple[str, str]] = field(default_factory=list)
-    layout: str | None = None
+    # what it was asked for, with the format's default layout filled in
+    options: WriteOptions = field(default_factory=WriteOptions)
+    # what --allow-approximate let through
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def layout(self) -> str | None:
+        return self.options.layout
 
     @property
     def outputs(self) -> list[OutputTensor]:
@@ -79,6 +86,8 @@ class Plan:
         ]
         for note in s.notes:
             lines.append(f"note:    {note}")
+        for warning in self.warnings:
+            lines.append(f"warning: {warning}")
         for name, why in self.dropped:
             lines.append(f"drop:    {name} ({why})")
         lines.append("files:")
@@ -129,6 +138,8 @@ def build_plan(source: Checkpoint, target: Format, out_dir: Path, dtype: torch.d
                options: WriteOptions) -> Plan:
     metas = source.source.tensors
     model = source.model
+    options = replace(options, layout=options.layout or target.default_layout(model))
+    warnings = target.check_write(model, options)
     expected = model.hub_tensors()
     problems: list[str] = []
 
@@ -185,7 +196,7 @@ def build_plan(source: Checkpoint, target: Format, out_dir: Path, dtype: torch.d
             outputs.append(OutputTensor(name, tuple(shape), out_dtype, alias=isinstance(rule.op, Tie) and i > 0))
         write_steps.append(Step(rule.hub, rule.fmt, rule.op, backward=False))
     return Plan(source, target, out_dir, read_steps, write_steps, target.layout(outputs, options), dtype, dropped,
-                options.layout or target.default_layout(model))
+                options, warnings)
 
 
 def check_float16(name: str, tensor: torch.Tensor) -> None:

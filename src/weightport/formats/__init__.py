@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import WeightportError
-from . import hf, litgpt, mindspore
+from . import hf, litgpt, mindspore, nanotron
 from .base import Checkpoint, Format, OutputFile, OutputTensor, WriteOptions
 
-FORMATS: dict[str, Format] = {f.name: f for f in (hf.FORMAT, litgpt.FORMAT, mindspore.FORMAT)}
+FORMATS: dict[str, Format] = {f.name: f for f in (hf.FORMAT, litgpt.FORMAT, mindspore.FORMAT, nanotron.FORMAT)}
 
 
 def get(name: str) -> Format:

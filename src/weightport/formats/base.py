@@ -73,6 +73,11 @@ class WriteOptions:
     layout: str | None = None
     # a format's file container (Format.containers), None for its default
     container: str | None = None
+    # tensor- and pipeline-parallel sizes for formats that store per-rank files (a `tensor_parallel = True` adapter)
+    tp: int = 1
+    pp: int = 1
+    # convert what the target can only approximate (with a warning) instead of refusing it
+    allow_approximate: bool = False
 
 
 class Writer:
@@ -112,6 +117,11 @@ class Format:
         """The layout written when none is asked for (None: the format has only one)."""
         return self.layouts[0] if self.layouts else None
 
+    def check_write(self, model: Model, options: WriteOptions) -> list[str]:
+        """Refuse (WeightportError) what this format cannot hold of the model with these options,
+        before any work; returns warnings for what --allow-approximate lets through."""
+        return []
+
     def target_rules(self, model: Model, layout: str | None = None) -> list[Rule]:
         """Expanded hub -> format rules for writing this model."""
         raise NotImplementedError
@@ -123,7 +133,7 @@ class Format:
         raise NotImplementedError
 
     def write_metadata(self, directory: Path, source: Checkpoint, model: Model, dtype: torch.dtype,
-                       layout: str | None = None) -> list[str]:
+                       options: WriteOptions) -> list[str]:
         """Config, tokenizer and other non-tensor files; returns the names written."""
         raise NotImplementedError
 

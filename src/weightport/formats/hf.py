@@ -107,7 +107,7 @@ class HFFormat(Format):
         return ShardedSafetensorsWriter(directory, files)
 
     def write_metadata(self, directory: Path, source: Checkpoint, model: Model, dtype: torch.dtype,
-                       layout: str | None = None) -> list[str]:
+                       options: WriteOptions) -> list[str]:
         # transformers 4.x reads torch_dtype; 5.x reads dtype and still accepts torch_dtype
         config = dict(model.config, dtype=short_name(dtype), torch_dtype=short_name(dtype))
         return write_hf_sidecar(directory, source, model, config)

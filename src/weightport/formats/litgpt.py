@@ -153,7 +153,7 @@ class LitGPTFormat(Format):
         return _LitWriter(directory / WEIGHTS)
 
     def write_metadata(self, directory: Path, source: Checkpoint, model: Model, dtype: torch.dtype,
-                       layout: str | None = None) -> list[str]:
+                       options: WriteOptions) -> list[str]:
         lit = to_litgpt(model)
         with open(directory / CONFIG, "w", encoding="utf-8") as f:
             yaml.safe_dump(lit, f)

@@ -125,9 +125,9 @@ class MindSporeFormat(Format):
         return _CkptWriter(directory / f.name)
 
     def write_metadata(self, directory: Path, source: Checkpoint, model: Model, dtype: torch.dtype,
-                       layout: str | None = None) -> list[str]:
+                       options: WriteOptions) -> list[str]:
         names_set = names_for(model)
-        layout = layout or next(iter(names_set.layouts))
+        layout = options.layout or next(iter(names_set.layouts))
         with open(directory / YAML, "w", encoding="utf-8") as f:
             yaml.safe_dump(names_set.to_yaml(model, dtype, layout), f, sort_keys=False)
         return [YAML] + write_hf_sidecar(directory, source, model)
