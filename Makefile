@@ -8,6 +8,8 @@ TRANSFORMERS ?= transformers==5.23.0
 LITGPT ?= litgpt==0.5.13
 MINDSPORE ?= mindspore==2.10.0
 MINDFORMERS ?= mindformers==2.0.0
+NANOTRON ?= nanotron==0.4
+DACITE ?= dacite==1.9.2
 PIP_FLAGS ?= --quiet --disable-pip-version-check
 
 .PHONY: demo test bench clean
@@ -36,10 +38,19 @@ $(VENV)/.installed-mindspore: $(VENV)/.installed
 	$(VENV)/bin/pip install $(PIP_FLAGS) --no-deps $(MINDFORMERS)
 	touch $@
 
+# Nanotron 0.4 (the only Nanotron on PyPI) is a test peer only (tests/peers/nanotron_peer.py runs its
+# own save_weights/load_weights on CPU). It goes in without dependencies so nothing in the test venv
+# moves; of what it needs only dacite is new, the rest (torch, pyyaml, numpy, packaging,
+# safetensors, tqdm) is named so a change elsewhere cannot drop it.
+$(VENV)/.installed-nanotron: $(VENV)/.installed
+	$(VENV)/bin/pip install $(PIP_FLAGS) --no-deps $(NANOTRON)
+	$(VENV)/bin/pip install $(PIP_FLAGS) $(DACITE) pyyaml numpy packaging safetensors tqdm
+	touch $@
+
 demo: $(VENV)/.installed
 	$(VENV)/bin/python examples/demo.py demo-out
 
-test: $(VENV)/.installed $(VENV)/.installed-mindspore $(LITGPT_VENV)/.installed
+test: $(VENV)/.installed $(VENV)/.installed-mindspore $(VENV)/.installed-nanotron $(LITGPT_VENV)/.installed
 	$(VENV)/bin/python -m pytest -q
 
 bench: $(VENV)/.installed $(LITGPT_VENV)/.installed

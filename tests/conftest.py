@@ -310,3 +310,39 @@ def mindformers_peer():
             pytest.fail(f"mindformers peer unavailable in CI (`make test` must install mindformers): {why}")
         pytest.skip(f"mindformers not installed ({why}); run `make test` to install it")
     return MindFormersPeer(exe)
+
+
+def nanotron_python() -> str | None:
+    """The Python that has PyPI `nanotron` (the test venv's own, unless told otherwise)."""
+    exe = os.environ.get("WEIGHTPORT_NANOTRON_PYTHON")
+    if exe:
+        return exe if Path(exe).exists() else None
+    import importlib.util
+
+    return sys.executable if importlib.util.find_spec("nanotron") is not None else None
+
+
+@pytest.fixture(scope="session")
+def nanotron_peer():
+    """Runs tests/peers/nanotron_peer.py jobs with the real Nanotron (PyPI 0.4, CPU, gloo), in a
+    subprocess that starts one process per rank. `run(job, workdir)` returns the peer's result
+    dict ({"nanotron", "checkpoint_version", "results": [one per op]}). In CI it must be there."""
+    exe = nanotron_python()
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("nanotron missing in CI (`make test` must install it into the test venv)")
+        pytest.skip("nanotron not installed; run `make test` to install it")
+
+    def run(job: dict, workdir: Path) -> dict:
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        name = f"nanotron_tp{job.get('tp', 1)}_pp{job.get('pp', 1)}"
+        path, result = workdir / f"{name}_job.json", workdir / f"{name}_result.json"
+        path.write_text(json.dumps(job))
+        proc = subprocess.run([exe, str(ROOT / "tests" / "peers" / "nanotron_peer.py"), str(path), str(result)],
+                              capture_output=True, text=True, timeout=900)
+        if proc.returncode != 0:
+            raise AssertionError(f"nanotron peer failed:\n{proc.stderr[-4000:]}")
+        return json.loads(result.read_text())
+
+    return run

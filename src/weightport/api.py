@@ -34,7 +34,7 @@ def _check_choice(adapter, kind: str, value: str | None, choices: tuple[str, ...
         raise WeightportError(f"format {adapter.name} has no {kind} {value!r}{scope} ({what})")
 
 
-def _check_output(src: Path, out: Path, force: bool) -> None:
+def check_output(src: Path, out: Path, force: bool) -> None:
     s, o = src.resolve(), out.resolve()
     src_dir = s if s.is_dir() else s.parent
     if src_dir.is_relative_to(o) or o.is_relative_to(src_dir):
@@ -43,17 +43,22 @@ def _check_output(src: Path, out: Path, force: bool) -> None:
         raise WeightportError(f"{out}: already exists; pass --force to replace it")
 
 
+def check_parallel(target, tp: int, pp: int) -> None:
+    """--tp / --pp: positive, and only for a format that writes per-rank files."""
+    for flag, n in (("--tp", tp), ("--pp", pp)):
+        if not isinstance(n, int) or n < 1:
+            raise WeightportError(f"{flag} must be a positive integer, got {n!r}")
+        if n != 1 and not getattr(target, "tensor_parallel", False):
+            raise WeightportError(f"format {target.name} has no per-rank files; {flag} applies to nanotron")
+
+
 def plan_conversion(src: str | Path, out: str | Path, to: str, *, source_format: str | None = None,
                     dtype: str | torch.dtype | None = "auto", max_shard_size: str | int = "5GB",
                     layout: str | None = None, source_layout: str | None = None,
                     container: str | None = None, tp: int = 1, pp: int = 1,
                     allow_approximate: bool = False) -> Plan:
     target = formats.get(to)
-    for flag, n in (("--tp", tp), ("--pp", pp)):
-        if not isinstance(n, int) or n < 1:
-            raise WeightportError(f"{flag} must be a positive integer, got {n!r}")
-        if n != 1 and not getattr(target, "tensor_parallel", False):
-            raise WeightportError(f"format {target.name} has no per-rank files; {flag} applies to nanotron")
+    check_parallel(target, tp, pp)
     _check_choice(target, "container", container, target.containers)
     ckpt = open_checkpoint(src, source_format, source_layout)
     try:
@@ -80,7 +85,7 @@ def convert(src: str | Path, out: str | Path, to: str, *, source_format: str | N
     src, out = Path(src), Path(out)
     if not src.exists():
         raise WeightportError(f"{src}: no such file or directory")
-    _check_output(src, out, force)
+    check_output(src, out, force)
     plan = plan_conversion(src, out, to, source_format=source_format, dtype=dtype, max_shard_size=max_shard_size,
                            layout=layout, source_layout=source_layout, container=container,
                            tp=tp, pp=pp, allow_approximate=allow_approximate)

@@ -26,6 +26,7 @@ EPILOG = """examples:
   weightport verify ./Llama-3.2-1B ./llama-lit --runtime litgpt --runtime-python .venv-litgpt/bin/python
   weightport eval-captions ./llama-lit --data ./shards/ --samples 100
   weightport convert ./Llama-3-8B ./llama-ms --to mindspore --dtype bfloat16 --layout fused-interleaved
+  weightport convert ./Llama-3-8B ./llama-nt --to nanotron --tp 2
   weightport mindformers --model llama --input_path ./Llama-3-8B --output_path llama3.ckpt --dtype bf16
 """
 
