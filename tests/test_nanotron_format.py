@@ -356,3 +356,13 @@ def test_pp_split_of_llama3_8b_over_8_stages():
     layers = Counter(r for n, r in ranks.items() if ".decoder." in n)
     assert [layers[s] for s in (0, 1, 2, 5, 6, 7)] == [5, 4, 4, 4, 4, 2] and sum(layers.values()) == 32
     assert ranks[EMBED] == 0 and ranks["model.lm_head.pp_block.weight"] == 7
+
+
+def test_nanotron_version_is_checked_and_written(hf_src, tmp_path):
+    _refused(hf_src, tmp_path, r"--nanotron-version 9 is not one of 1\.2, 1\.3, 1\.4, 1\.5", to="nanotron",
+             nanotron_version="9")
+    _refused(hf_src, tmp_path, "--nanotron-version applies to nanotron, not hf", to="hf", nanotron_version="1.2")
+    weightport.convert(hf_src, tmp_path / "v12", "nanotron", tp=2, nanotron_version="1.2")
+    _, meta = _read(tmp_path / "v12" / f"{QKV.format(l=0)}_pp-rank-0-of-1_tp-rank-1-of-2.safetensors")
+    assert meta["version"] == "1.2"
+    assert json.loads((tmp_path / "v12" / "checkpoint_metadata.json").read_text())["version"] == "1.2"

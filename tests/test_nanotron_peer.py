@@ -10,12 +10,12 @@
      writing it back at the same TP/PP gives the same file tree, tensors and shard metadata as
      Nanotron's own save.
 
-What 0.4 cannot take from weightport, each pinned by a strict xfail (so the day weightport can
-write it, the xfail turns into a failure that says so):
-- loading at another TP size than the files were written with: that path parses the shard
-  metadata, and 0.4 refuses any version newer than its 1.2 ("Unsupported checkpoint version
-  1.4"). The metadata itself is the same in 1.2 and 1.4 (same three keys, same encodings): with
-  only the version string rewritten to "1.2", 0.4 reshards weightport's files exactly (tested).
+Loading at another TP size than the files were written with parses the shard metadata, and 0.4
+refuses any version newer than its 1.2. The metadata is otherwise the same in 1.2 and 1.4, so
+`--nanotron-version 1.2` (nanotron_version="1.2") output is resharded by 0.4 exactly (tested), and
+the default 1.4 output is refused there, pinned by a strict xfail.
+
+What 0.4 cannot take from weightport, pinned by a strict xfail:
 - weightport's config.yaml, which is the kisate fork's Config schema (`data_stages`, and
   LlamaConfig `rope_theta` / `rope_interleaved`, which 0.4 does not have).
 
@@ -37,7 +37,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import weightport
 from conftest import TOKENS, build_hf, hf_logits
@@ -48,10 +48,8 @@ LM_HEAD = "model.lm_head.pp_block.weight"
 FINAL_NORM = "model.final_layer_norm.pp_block.weight"
 BLOCK = "model.decoder.{l}.pp_block."
 VERSION_REFUSED = "ValueError: Unsupported checkpoint version 1.4"
-NO_VERSION_OPTION = ("Nanotron 0.4 (CHECKPOINT_VERSION 1.2) reshards only checkpoints of version <= 1.2 and "
-                     "weightport always writes shard metadata version 1.4 (nanotron_shards.VERSION); it needs a "
-                     "write option (e.g. WriteOptions.nanotron_version / --nanotron-version 1.2) that writes '1.2' "
-                     "into every shard's metadata and checkpoint_metadata.json")
+NO_VERSION_OPTION = ("Nanotron 0.4 (CHECKPOINT_VERSION 1.2) reshards only checkpoints of version <= 1.2; "
+                     "weightport's default is 1.4 (the fork's and main's); --nanotron-version 1.2 is for 0.4")
 
 # HF sources: conftest model key, extra build_hf settings, dtype
 SOURCES = {
@@ -61,7 +59,7 @@ SOURCES = {
     "llama3-4l": ("llama3", {"num_hidden_layers": 4}, torch.float32),
     "llama3.2-tied-4l": ("llama3.2", {"num_hidden_layers": 4}, torch.float32),
 }
-# (i) id -> (source, written (tp, pp), loaded (tp, pp), shard metadata version rewritten to "1.2")
+# (i) id -> (source, written (tp, pp), loaded (tp, pp), written with nanotron_version="1.2")
 LOADS = {
     "llama3-tp1-at-tp1": ("llama3", (1, 1), (1, 1), False),
     "llama3-tp2-at-tp2": ("llama3", (2, 1), (2, 1), False),
@@ -103,14 +101,6 @@ def _plain(shape: str) -> str:
     return re.sub(r"np\.int64\((\d+)\)", r"\1", shape)
 
 
-def _rewrite_version(ckpt: Path, version: str) -> None:
-    """Only the `version` string of every sharded file's metadata changes; the tensor stays."""
-    for path in sorted((ckpt / "model").rglob("*_tp-rank-*.safetensors")):
-        with safe_open(path, "pt") as f:
-            meta, data = f.metadata(), f.get_tensor("data")
-        save_file({"data": data}, path, dict(meta, version=version))
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, nanotron_peer):
     """All cases through three Nanotron jobs: {"load": {id: {result, out, src, ckpt}},
@@ -122,15 +112,12 @@ def runs(tmp_path_factory, nanotron_peer):
     jobs: dict[tuple[int, int], list] = {(1, 1): [], (2, 1): [], (1, 2): []}
     where: dict[tuple[int, int], list] = {k: [] for k in jobs}
     for case, (source, (wtp, wpp), loaded, v12) in LOADS.items():
-        key = (source, wtp, wpp)
+        key = (source, wtp, wpp, v12)
         if key not in converted:
-            converted[key] = root / "wp" / f"{source}-tp{wtp}-pp{wpp}"
-            weightport.convert(sources[source], converted[key], "nanotron", tp=wtp, pp=wpp)
+            converted[key] = root / "wp" / f"{source}-tp{wtp}-pp{wpp}{'-v1.2' if v12 else ''}"
+            weightport.convert(sources[source], converted[key], "nanotron", tp=wtp, pp=wpp,
+                               nanotron_version="1.2" if v12 else None)
         ckpt = converted[key]
-        if v12:
-            ckpt = root / "wp-v1.2" / case
-            shutil.copytree(converted[key], ckpt)
-            _rewrite_version(ckpt, "1.2")
         out = root / "loaded" / f"{case}.safetensors"
         jobs[loaded].append({"op": "load", "ckpt": str(ckpt), "out": str(out),
                              "dtype": str(SOURCES[source][2]).removeprefix("torch."),
@@ -141,7 +128,7 @@ def runs(tmp_path_factory, nanotron_peer):
         jobs[topo].append({"op": "save", "model_config": _model_config(layers, tied), "seed": SAVE_SEED,
                            "out_dir": str(out_dir), "out": str(root / "saved" / f"{case}.safetensors")})
         where[topo].append(("save", case, {"dir": out_dir, "out": root / "saved" / f"{case}.safetensors"}))
-    jobs[(1, 1)].append({"op": "config", "path": str(converted[("llama3", 1, 1)] / "config.yaml")})
+    jobs[(1, 1)].append({"op": "config", "path": str(converted[("llama3", 1, 1, False)] / "config.yaml")})
     where[(1, 1)].append(("config", "config", {}))
 
     found = {"load": {}, "save": {}}

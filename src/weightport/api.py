@@ -56,9 +56,11 @@ def plan_conversion(src: str | Path, out: str | Path, to: str, *, source_format:
                     dtype: str | torch.dtype | None = "auto", max_shard_size: str | int = "5GB",
                     layout: str | None = None, source_layout: str | None = None,
                     container: str | None = None, tp: int = 1, pp: int = 1,
-                    allow_approximate: bool = False) -> Plan:
+                    allow_approximate: bool = False, nanotron_version: str | None = None) -> Plan:
     target = formats.get(to)
     check_parallel(target, tp, pp)
+    if nanotron_version is not None and target.name != "nanotron":
+        raise WeightportError(f"--nanotron-version applies to nanotron, not {target.name}")
     _check_choice(target, "container", container, target.containers)
     ckpt = open_checkpoint(src, source_format, source_layout)
     try:
@@ -70,7 +72,8 @@ def plan_conversion(src: str | Path, out: str | Path, to: str, *, source_format:
         _check_choice(target, "layout", layout, target.layouts_for(ckpt.model), ckpt.model)
         return build_plan(ckpt, target, Path(out), dtype, WriteOptions(max_shard_size=size, layout=layout,
                                                                       container=container, tp=tp, pp=pp,
-                                                                      allow_approximate=allow_approximate))
+                                                                      allow_approximate=allow_approximate,
+                                                                      nanotron_version=nanotron_version))
     except BaseException:
         ckpt.close()
         raise
@@ -80,7 +83,8 @@ def convert(src: str | Path, out: str | Path, to: str, *, source_format: str | N
             dtype: str | torch.dtype | None = "auto", max_shard_size: str | int = "5GB", force: bool = False,
             allow_overflow: bool = False, dry_run: bool = False, progress: bool = False,
             layout: str | None = None, source_layout: str | None = None, container: str | None = None,
-            tp: int = 1, pp: int = 1, allow_approximate: bool = False) -> Plan:
+            tp: int = 1, pp: int = 1, allow_approximate: bool = False,
+            nanotron_version: str | None = None) -> Plan:
     """Convert the checkpoint at `src` into format `to` at `out`; returns the executed plan."""
     src, out = Path(src), Path(out)
     if not src.exists():
@@ -88,7 +92,7 @@ def convert(src: str | Path, out: str | Path, to: str, *, source_format: str | N
     check_output(src, out, force)
     plan = plan_conversion(src, out, to, source_format=source_format, dtype=dtype, max_shard_size=max_shard_size,
                            layout=layout, source_layout=source_layout, container=container,
-                           tp=tp, pp=pp, allow_approximate=allow_approximate)
+                           tp=tp, pp=pp, allow_approximate=allow_approximate, nanotron_version=nanotron_version)
     try:
         if not dry_run:
             execute(plan, force=force, allow_overflow=allow_overflow, progress=progress)

@@ -72,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--pp", type=int, default=1, metavar="N",
                    help="pipeline-parallel size to write; nanotron: the pp rank in each shard file's name, from "
                         "Nanotron's own cost-balanced split of the layers over N stages (default: 1)")
+    c.add_argument("--nanotron-version", metavar="V",
+                   help="checkpoint version a nanotron output declares in its shard metadata and "
+                        "checkpoint_metadata.json: 1.4 (default; Nanotron main and the Idefics3 fork) or 1.2 for "
+                        "nanotron 0.4 from PyPI, which reshards only checkpoints <= 1.2 (the metadata is otherwise "
+                        "the same)")
     c.add_argument("--from-layout", dest="source_layout", metavar="LAYOUT",
                    help="layout of the source, when the checkpoint does not record it (same names as --layout)")
     c.add_argument("--dry-run", action="store_true",
@@ -159,7 +164,8 @@ def _convert(args) -> int:
                        max_shard_size=args.max_shard_size, force=args.force, allow_overflow=args.allow_overflow,
                        dry_run=args.dry_run, progress=not args.quiet and sys.stderr.isatty(),
                        layout=args.layout, source_layout=args.source_layout, container=args.container,
-                       tp=args.tp, pp=args.pp, allow_approximate=args.allow_approximate)
+                       tp=args.tp, pp=args.pp, allow_approximate=args.allow_approximate,
+                       nanotron_version=args.nanotron_version)
     if args.quiet:
         for warning in plan.warnings:
             print(f"weightport: warning: {warning}", file=sys.stderr)

@@ -78,6 +78,8 @@ class WriteOptions:
     pp: int = 1
     # convert what the target can only approximate (with a warning) instead of refusing it
     allow_approximate: bool = False
+    # checkpoint version a nanotron output declares (None: the format's default)
+    nanotron_version: str | None = None
 
 
 class Writer:

@@ -18,7 +18,7 @@ from ..archs import Model, model_from_hf_config
 from ..dtypes import short_name
 from ..errors import WeightportError
 from ..hf_config import load_json, rope_theta
-from ..io.nanotron_shards import (VERSION, NanotronSource, NanotronWriter, ShardFile, Sharding, file_name,
+from ..io.nanotron_shards import (VERSION, VERSIONS, NanotronSource, NanotronWriter, ShardFile, Sharding, file_name,
                                   local_shape, shard_metadata, shard_pairs)
 from ..ops import Concat, Chain, Identity, Parallel, RotaryPermute
 from ..rules import Rule, expand, rename
@@ -154,6 +154,8 @@ class NanotronFormat(Format):
             raise
 
     def check_write(self, model: Model, options: WriteOptions) -> list[str]:
+        if options.nanotron_version not in (None, *VERSIONS):
+            raise WeightportError(f"--nanotron-version {options.nanotron_version} is not one of {', '.join(VERSIONS)}")
         warnings = check_representable(model, options.allow_approximate)
         d = model.dims
         for what, n in (("num_attention_heads", d.n_head), ("num_key_value_heads", d.n_kv)):
@@ -181,7 +183,8 @@ class NanotronFormat(Format):
             for r in range(tp):
                 pairs = shard_pairs(t.shape, s, r, tp)
                 name = file_name(t.name, (r, tp), (stage[t.name], options.pp))
-                files.append(ShardFile(name, [shard], pairs, shard_metadata(t.shape, pairs)))
+                files.append(ShardFile(name, [shard], pairs,
+                                        shard_metadata(t.shape, pairs, options.nanotron_version or VERSION)))
         return files
 
     def writer(self, directory: Path, files: list[ShardFile]) -> Writer:
@@ -196,7 +199,7 @@ class NanotronFormat(Format):
         full = yaml_config(nt, tp, pp, short_name(dtype), init, model.config.get("_name_or_path"))
         with open(directory / YAML, "w", encoding="utf-8") as f:
             yaml.safe_dump(full, f)
-        write_json(directory / META, checkpoint_metadata(tp, VERSION))
+        write_json(directory / META, checkpoint_metadata(tp, options.nanotron_version or VERSION))
         # config.json keeps what LlamaConfig has no field for (pad id, rope details), so reading back is exact
         return [MODEL_CONFIG, YAML, META] + write_hf_sidecar(directory, source, model)
 

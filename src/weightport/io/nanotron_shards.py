@@ -17,8 +17,10 @@ from ..errors import WeightportError
 from .safetensors_file import SafetensorsFile, SafetensorsStreamWriter
 from .source import TensorMeta, TensorSource
 
-# Nanotron's fork refuses newer versions on its resharding path; upstream (1.5) accepts 1.4
+# Nanotron's fork refuses newer versions on its resharding path; upstream (1.5) accepts 1.4.
+# Nanotron 0.4 (PyPI) reshards only <= 1.2; the shard metadata is the same in 1.2 to 1.5
 VERSION = "1.4"
+VERSIONS = ("1.2", "1.3", "1.4", "1.5")
 MAX_VERSION = 1.5
 METADATA_KEYS = {"version", "local_global_slices_pairs", "unsharded_shape"}
 
@@ -114,8 +116,8 @@ def shape_from_str(text: str) -> tuple[int, ...]:
     return tuple(int(re.fullmatch(r"(?:np\.int64\()?(\d+)\)?", x).group(1)) for x in items)
 
 
-def shard_metadata(shape: tuple[int, ...], pairs: Pairs) -> dict[str, str]:
-    return {"version": VERSION, "local_global_slices_pairs": pairs_to_str(pairs),
+def shard_metadata(shape: tuple[int, ...], pairs: Pairs, version: str = VERSION) -> dict[str, str]:
+    return {"version": version, "local_global_slices_pairs": pairs_to_str(pairs),
             "unsharded_shape": shape_to_str(shape)}
 
 
