@@ -19,7 +19,12 @@ One run of this script
    HF -> MindSpore      ``cp -r HF_DIR X``                        ``weightport convert HF_DIR MS --to mindspore``,
                                                                   MindFormers' llama ``convert_pt_to_ms``
    MindSpore -> HF      ``cp -r MS Y``                            ``weightport convert MS HF_BACK --to hf``
+   HF -> Nanotron TP=2  ``cp -r HF_DIR X``                        ``weightport convert HF_DIR NT --to nanotron --tp 2``
+   Nanotron -> HF       ``cp -r NT Y``                            ``weightport convert NT HF_BACK --to hf``
    ===================  ========================================  =========================================
+
+   (Nanotron's own converter, ``examples/llama/convert_hf_to_nanotron.py``, needs ``torchrun``, CUDA
+   and flash-attn, so it is not run; the report says so.)
 
 3. checks with ``weightport verify --tensors-only`` (timed and measured too) that the converted
    tensors are bit-identical to the source / to LitGPT's output (``--no-verify`` skips it), and
@@ -33,7 +38,7 @@ Usage (from the repository root)::
 
 Useful options: ``--workdir DIR`` (default ``bench-work/``, git-ignored), ``--keep`` (keep the
 generated checkpoint and outputs; a kept checkpoint is reused by the next run),
-``--skip-litgpt``, ``--skip-weightport``, ``--weightport-cmd "..."`` (or env ``WEIGHTPORT_CMD``),
+``--skip-litgpt``, ``--skip-mindspore``, ``--skip-nanotron``, ``--skip-weightport``, ``--weightport-cmd "..."`` (or env ``WEIGHTPORT_CMD``),
 ``--output FILE`` for the report.
 
 Why the design is the way it is
@@ -466,6 +471,7 @@ class Runner:
             t2 = time.perf_counter()
         sampler.join()
         r = dict(label=label, argv=argv, rc=proc.returncode, wall=t1 - t0, sync=t2 - t1,
+                 load1_end=float(open("/proc/loadavg").read().split()[0]),
                  total=t2 - t0, maxrss_kib=ru.ru_maxrss, anon_kib=sampler.anon_kib,
                  file_kib=sampler.file_kib, user=ru.ru_utime, sys=ru.ru_stime, log=str(logf),
                  killed_at_limit=sampler.killed)
@@ -533,6 +539,25 @@ def capture(argv: list[str]) -> str:
         return ""
 
 
+def weightport_source(args) -> dict:
+    """Where the measured weightport is imported from and its git commit. Dirty means the checkout's
+    src/ differs from that commit (this script itself may be newer; it does not change what is measured)."""
+    if args.skip_weightport:
+        return {"weightport_git": "", "weightport_file": ""}
+    wp = shlex.split(args.weightport_cmd)
+    py = wp[0] if Path(wp[0]).name.startswith("python") else shebang_python(wp[0])
+    where = capture([py, "-c", "import weightport; print(weightport.__file__)"]) if py else ""
+    git = ""
+    if where:
+        d = str(Path(where).parent)
+        commit = capture(["git", "-C", d, "rev-parse", "--short", "HEAD"])
+        if commit:
+            top = capture(["git", "-C", d, "rev-parse", "--show-toplevel"])
+            dirty = capture(["git", "-C", top, "status", "--porcelain", "--", "src"]) if top else ""
+            git = commit + ("-dirty (src/ has uncommitted changes)" if dirty else "")
+    return {"weightport_git": git, "weightport_file": where}
+
+
 def machine_facts(args, cold: bool) -> dict:
     dirty = {k: open(f"/proc/sys/vm/{k}").read().strip() for k in ("dirty_ratio", "dirty_background_ratio")}
     mem_kib = 0
@@ -555,7 +580,7 @@ def machine_facts(args, cold: bool) -> dict:
         "litgpt": capture([args.litgpt_python, "-c", "import importlib.metadata as m; print(m.version('litgpt'))"]),
         "litgpt_torch": capture([args.litgpt_python, "-c", "import torch; print(torch.__version__)"]),
         "weightport": wp_ver.splitlines()[0] if wp_ver else "",
-        "weightport_git": capture(["git", "-C", str(REPO), "describe", "--always", "--dirty"]),
+        **weightport_source(args),
         "cp": capture(["cp", "--version"]).splitlines()[0] if capture(["cp", "--version"]) else "",
         "loadavg": open("/proc/loadavg").read().split()[:3],
         "cache": ("input cold: `sync` + `posix_fadvise(DONTNEED)` on every input file before each measured "
@@ -605,7 +630,7 @@ def run_benchmark(args) -> None:
         f"{facts['disk_free_gib']:.1f} GiB free")
     out.mkdir(parents=True)
     results: dict = {"scale": args.scale, "repeat": args.repeat, "model_bytes": mbytes, "facts": facts, "hf2lit": {},
-                     "lit2hf": {}, "ms": {}, "verify": {}, "notes": []}
+                     "lit2hf": {}, "ms": {}, "nt": {}, "verify": {}, "notes": []}
     try:
         # 1. The source checkpoint (reused if a previous --keep run left a complete one).
         if have_hf:
@@ -715,8 +740,15 @@ def run_benchmark(args) -> None:
             if lit_dir is not None:
                 rm(lit_dir)  # done with it; the disk is needed for two .ckpt files
             run_mindspore(runner, args, results, hf_dir, out, wp, prime_wp, mbytes)
+
+        # 5. HF -> Nanotron (TP=2) -> HF (weightport; Nanotron's own converter cannot run here)
+        if not args.skip_nanotron and not args.skip_weightport:
+            if lit_dir is not None:
+                rm(lit_dir)
+            run_nanotron(runner, args, results, hf_dir, out, wp, prime_wp, mbytes)
     finally:
         results["facts"]["disk_free_gib_end"] = shutil.disk_usage(workdir).free / GIB
+        results["facts"]["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
         if not args.keep:
             rm(out)
             rm(workdir / "hf")
@@ -777,6 +809,44 @@ def run_mindspore(runner: Runner, args, results: dict, hf_dir: Path, out: Path, 
     rm(ms_wp)
 
 
+NANOTRON_TP = 2
+NANOTRON_PEER_NOTE = ("not run: needs `torchrun`, CUDA and flash-attn (this machine has no GPU)")
+
+
+def run_nanotron(runner: Runner, args, results: dict, hf_dir: Path, out: Path, wp: list[str],
+                 prime_wp: list[list[str]], mbytes: int) -> None:
+    """weightport HF -> Nanotron at TP=2 and that Nanotron checkpoint back to HF, each against `cp -r`
+    of its own input, with the round trip (and the Nanotron checkpoint itself) verified against the
+    source. Nanotron's converter (examples/llama/convert_hf_to_nanotron.py) builds the model under
+    torchrun with CUDA and flash-attn, so it has no row with a number."""
+    r = results["nt"]
+    nt_wp, back = out / "nanotron-weightport", out / "hf-from-nanotron"
+    runner.need_space(mbytes, "weightport's Nanotron checkpoint")
+    r["hf2nt weightport"] = runner.measure(
+        "hf2nt weightport", wp + ["convert", str(hf_dir), str(nt_wp), "--to", "nanotron", "--tp", str(NANOTRON_TP)],
+        hf_dir, prime_wp, nt_wp)
+    if r["hf2nt weightport"]["rc"] != 0 or not (nt_wp / "model").is_dir():
+        rm(nt_wp)
+        return
+    r["nt_files"] = sum(1 for _r, _d, fs in os.walk(nt_wp / "model") for f in fs if f.endswith(".safetensors"))
+    r["nt_bytes"] = dir_bytes(nt_wp)
+    if args.verify:
+        results["verify"][f"weightport's Nanotron (TP={NANOTRON_TP}) vs the source HF"] = verify(
+            runner, wp, prime_wp, "hf2nt", hf_dir, nt_wp, ("hf", "nanotron"))
+    runner.need_space(r["nt_bytes"], "cp -r of the Nanotron directory")
+    r["cp nanotron"] = runner.measure("nt2hf cp", ["cp", "-r", str(nt_wp), str(out / "cp-nt")], nt_wp,
+                                      [["cp", "--version"]], out / "cp-nt")
+    rm(out / "cp-nt")
+    runner.need_space(mbytes, "weightport's HF output from the Nanotron checkpoint")
+    r["nt2hf weightport"] = runner.measure("nt2hf weightport", wp + ["convert", str(nt_wp), str(back), "--to", "hf"],
+                                           nt_wp, prime_wp, back)
+    if args.verify and r["nt2hf weightport"]["rc"] == 0:
+        results["verify"]["weightport's HF output from the Nanotron checkpoint vs the source HF"] = verify(
+            runner, wp, prime_wp, "nt2hf", hf_dir, back, ("hf", "hf"))
+    rm(back)
+    rm(nt_wp)
+
+
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
@@ -795,7 +865,7 @@ def render_report(res: dict, args) -> str:
     s, f = SCALES[res["scale"]], res["facts"]
     gib = lambda kib: kib / 2**20  # noqa: E731
     L: list[str] = []
-    L.append("# Conversion benchmark: weightport vs `cp -r` vs LitGPT\n")
+    L.append("# Conversion benchmark: weightport vs `cp -r` and the peers' own converters (LitGPT, MindFormers)\n")
     L.append(f"Generated by `bench/bench_convert.py --scale {res['scale']}` on {f['date']}. "
              "Re-run with `python3 bench/bench_convert.py` (see its docstring).\n")
     if res["scale"] == "small":
@@ -823,8 +893,11 @@ def render_report(res: dict, args) -> str:
         ("torch (weightport venv)", f["torch"]), ("safetensors", f["safetensors"]),
         ("litgpt (its own venv, torch " + f["litgpt_torch"] + ")", f["litgpt"]),
         ("weightport", (f["weightport"] or "?") + (f" (git {f['weightport_git']})" if f["weightport_git"] else "")),
-        ("weightport command", f"`{args.weightport_cmd}`"), ("cp", f["cp"]),
+        ("weightport command", f"`{args.weightport_cmd}`"
+         + (f" (imports `{f['weightport_file']}`)" if f.get("weightport_file") else "")), ("cp", f["cp"]),
         ("page cache", f["cache"]), ("writeback", f["dirty"]), ("load average at start", " ".join(f["loadavg"])),
+        ("load average at end", " ".join(f.get("loadavg_end", ["?"]))),
+        ("1-min load average when each measured command ended", _load_summary(res)),
         ("free disk at start", f"{f['disk_free_gib']:.1f} GiB"),
     ]
     L += [f"| {k} | {v} |" for k, v in rows]
@@ -879,6 +952,31 @@ def render_report(res: dict, args) -> str:
                  "(`convert_ms_to_pt`, which writes a bare torch pickle rather than a Hugging Face checkpoint) is not "
                  "benchmarked.\n")
 
+    nt = res.get("nt") or {}
+    if nt:
+        tp = NANOTRON_TP
+        L.append(f"## HF → Nanotron (TP={tp}) → HF\n")
+        hf_cp, nt_cp = res["hf2lit"].get("cp"), nt.get("cp nanotron")
+        L += _table([("`cp -r` of the HF directory (from the first section)", hf_cp, hf_cp),
+                     (f"weightport HF → Nanotron TP={tp}", nt.get("hf2nt weightport"), hf_cp),
+                     ("Nanotron `examples/llama/convert_hf_to_nanotron.py`", NANOTRON_PEER_NOTE, None),
+                     ("`cp -r` of the Nanotron directory", nt_cp, nt_cp),
+                     ("weightport Nanotron → HF", nt.get("nt2hf weightport"), nt_cp)])
+        L.append("")
+        for key, text in (("hf2nt weightport", f"HF → Nanotron TP={tp}"), ("nt2hf weightport", "Nanotron → HF")):
+            m = nt.get(key)
+            if m and m["rc"] == 0:
+                peak = m["maxrss_kib"] / 2**20
+                L.append(f"- weightport {text} peak RSS ≤ 2 GiB: {peak:.2f} GiB — {'met' if peak <= 2 else '**missed**'}")
+        if nt.get("nt_files"):
+            L.append(f"\nweightport's Nanotron checkpoint: `model/` tree of {nt['nt_files']} safetensors files "
+                     f"(one per parameter and TP rank), {human(nt['nt_bytes'])} in all. "
+                     f"`convert --to nanotron --tp {tp}`, default layout (rotate-half, `rope_interleaved: false`); the `cp -r` ratio of the reverse "
+                     "direction is against copying that tree.")
+        L.append("\nNanotron's own converter (`examples/llama/convert_hf_to_nanotron.py` in huggingface/nanotron) "
+                 "builds the model on GPU under `torchrun` and needs CUDA and flash-attn, so it cannot run on this "
+                 "CPU-only machine and has no number.\n")
+
     L.append("## Targets\n")
     L.append("| target | HF → LitGPT | LitGPT → HF |\n|---|---|---|")
     spec = [
@@ -919,6 +1017,14 @@ def render_report(res: dict, args) -> str:
     return "\n".join(L) + "\n"
 
 
+def _load_summary(res: dict) -> str:
+    """Range of the 1-min load average at the end of the measured commands (other work on the
+    machine slows the tools down; more than the core count means they waited for a CPU)."""
+    loads = [m["load1_end"] for sec in ("hf2lit", "lit2hf", "ms", "nt", "verify")
+             for m in (res.get(sec) or {}).values() if isinstance(m, dict) and "load1_end" in m]
+    return f"{min(loads):.2f}–{max(loads):.2f} ({os.cpu_count()} cores)" if loads else "?"
+
+
 def _table(rows: list[tuple[str, dict | None, dict | None]]) -> list[str]:
     """Markdown rows of (name, measurement, the cp -r measurement its ratio is against)."""
     gib = lambda kib: kib / 2**20  # noqa: E731
@@ -927,6 +1033,9 @@ def _table(rows: list[tuple[str, dict | None, dict | None]]) -> list[str]:
     for name, m, cp in rows:
         if m is None:
             L.append(f"| {name} | skipped | | | | | | |")
+            continue
+        if isinstance(m, str):  # a tool that cannot be run here: say why instead of a number
+            L.append(f"| {name} | {m} | | | | | | |")
             continue
         if m["rc"] != 0:
             why = "stopped at the memory guard" if m.get("killed_at_limit") else f"exit {m['rc']}"
@@ -964,10 +1073,12 @@ def textwrap_method(res: dict) -> str:
         "- LitGPT → HF input: " + ("not run" if res.get("lit2hf_input") in (None, "None") else
                                     "weightport's own LitGPT output" if "lit-weightport" in str(res.get("lit2hf_input"))
                                     else "LitGPT's `lit_model.pth`") + "; all three tools read the same file.",
-        "- weightport: `weightport convert SRC DST --to litgpt|hf` into a fresh directory; its times include "
-        "Python start-up and imports.",
+        "- weightport: `weightport convert SRC DST --to litgpt|hf|mindspore` (and `--to nanotron --tp "
+        f"{NANOTRON_TP}`) into a fresh directory; its times include Python start-up and imports.",
         "- Verification (`--no-verify` skips it) is `weightport verify A B --tensors-only`: weightport's "
-        "LitGPT output against LitGPT's own, and each HF output against the source; LitGPT's `model.pth` is "
+        "LitGPT output against LitGPT's own, weightport's .ckpt against MindFormers' and against the source, "
+        "weightport's Nanotron checkpoint (its TP shards put back together) against the source, and each HF "
+        "output (the round trips included) against the source; LitGPT's `model.pth` is "
         "renamed `pytorch_model.bin` beside the source's `config.json` so it reads as a Hugging Face checkpoint.",
     ]) + "\n"
 
@@ -1003,6 +1114,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-litgpt", action="store_true", help="do not run LitGPT's converters")
     p.add_argument("--skip-mindspore", action="store_true", help="do not run the HF -> MindSpore .ckpt -> HF section")
     p.add_argument("--skip-mindformers", action="store_true", help="do not run MindFormers' own converter")
+    p.add_argument("--skip-nanotron", action="store_true",
+                   help="do not run the HF -> Nanotron (TP=2) -> HF section")
     p.add_argument("--skip-weightport", action="store_true", help="do not run weightport")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the (untimed) bit-exactness checks of the outputs")

@@ -16,7 +16,7 @@ import weightport
 from weightport.hf_config import rope_scaling
 from conftest import assert_same_tensors, build_hf, hf_logits, run_cli
 from weightport.errors import WeightportError
-from weightport.formats.nanotron_config import FIELDS
+from weightport.formats.nanotron.llama import FIELDS
 from weightport.io.nanotron_shards import Sharding, pairs_to_str, shape_from_str, shard_pairs
 
 # nH=8, nKV=4 so every TP size up to 4 gives each rank whole heads
@@ -345,7 +345,7 @@ def test_pp_split_of_llama3_8b_over_8_stages():
     from collections import Counter
 
     from weightport.formats.base import OutputTensor
-    from weightport.formats.nanotron import EMBED, pp_ranks
+    from weightport.formats.nanotron.llama import EMBED, pp_ranks
 
     H, I, V = 4096, 14336, 128256
     ts = [OutputTensor(EMBED, (V, H), torch.bfloat16),

@@ -52,6 +52,8 @@ class Plan:
     options: WriteOptions = field(default_factory=WriteOptions)
     # what --allow-approximate let through
     warnings: list[str] = field(default_factory=list)
+    # what the target format does to the output that a reader should know (e.g. padding it adds)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def layout(self) -> str | None:
@@ -84,7 +86,7 @@ class Plan:
             "coverage: every source tensor used" + (f" or dropped ({len(self.dropped)})" if self.dropped else "")
             + ", every target tensor produced",
         ]
-        for note in s.notes:
+        for note in s.notes + self.notes:
             lines.append(f"note:    {note}")
         for warning in self.warnings:
             lines.append(f"warning: {warning}")
@@ -182,7 +184,7 @@ def build_plan(source: Checkpoint, target: Format, out_dir: Path, dtype: torch.d
         raise WeightportError(f"{source.path}: no tensor provides {missing_hub[0]}")
 
     # 3. target rules: every hub tensor consumed, every output produced with a known shape
-    write_rules = target.target_rules(model, options.layout)
+    write_rules = target.target_rules(model, options.layout, options.tp)
     consumed = {h for r in write_rules for h in r.hub}
     unconsumed = [h for h in expected if h not in consumed]
     if unconsumed:
@@ -196,7 +198,7 @@ def build_plan(source: Checkpoint, target: Format, out_dir: Path, dtype: torch.d
             outputs.append(OutputTensor(name, tuple(shape), out_dtype, alias=isinstance(rule.op, Tie) and i > 0))
         write_steps.append(Step(rule.hub, rule.fmt, rule.op, backward=False))
     return Plan(source, target, out_dir, read_steps, write_steps, target.layout(outputs, options), dtype, dropped,
-                options, warnings)
+                options, warnings, target.write_notes(model, options))
 
 
 def check_float16(name: str, tensor: torch.Tensor) -> None:

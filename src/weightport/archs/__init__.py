@@ -9,13 +9,14 @@ from .chatglm import CHATGLM
 from .cogvlm2 import ARCHS as _COGVLM2
 from .deepseek_v2 import DEEPSEEK_V2
 from .gpt2 import GPT2
+from .idefics3 import IDEFICS3
 from .internlm import INTERNLM, INTERNLM2
 from .llama_family import ARCHS as _LLAMA_FAMILY
 from .qwen import QWEN
 from .whisper import WHISPER
 
 ARCHS: dict[str, Arch] = {a.name: a for a in (*_LLAMA_FAMILY, DEEPSEEK_V2, CHATGLM, GPT2, QWEN, WHISPER, BAICHUAN,
-                                              INTERNLM, INTERNLM2, *_COGVLM2)}
+                                              INTERNLM, INTERNLM2, *_COGVLM2, IDEFICS3)}
 _BY_MODEL_TYPE = {a.model_type: a for a in ARCHS.values()}
 
 

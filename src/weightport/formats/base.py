@@ -124,8 +124,14 @@ class Format:
         before any work; returns warnings for what --allow-approximate lets through."""
         return []
 
-    def target_rules(self, model: Model, layout: str | None = None) -> list[Rule]:
-        """Expanded hub -> format rules for writing this model."""
+    def write_notes(self, model: Model, options: WriteOptions) -> list[str]:
+        """What writing this model changes that is not an approximation (e.g. padding the format
+        adds and reading back removes); shown in the plan."""
+        return []
+
+    def target_rules(self, model: Model, layout: str | None = None, tp: int = 1) -> list[Rule]:
+        """Expanded hub -> format rules for writing this model in `layout` for `tp` tensor-parallel
+        ranks (what is stored can depend on it: Nanotron pads a vocabulary to a multiple of TP)."""
         raise NotImplementedError
 
     def layout(self, tensors: list[OutputTensor], options: WriteOptions) -> list[OutputFile]:

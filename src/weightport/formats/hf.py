@@ -86,7 +86,7 @@ class HFFormat(Format):
             generation_config=load_json(generation) if generation.is_file() else None,
         )
 
-    def target_rules(self, model: Model, layout: str | None = None) -> list[Rule]:
+    def target_rules(self, model: Model, layout: str | None = None, tp: int = 1) -> list[Rule]:
         return identity_rules(list(model.hub_tensors()))
 
     def layout(self, tensors: list[OutputTensor], options: WriteOptions) -> list[OutputFile]:

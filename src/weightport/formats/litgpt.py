@@ -143,7 +143,7 @@ class LitGPTFormat(Format):
             source.close()
             raise
 
-    def target_rules(self, model: Model, layout: str | None = None) -> list[Rule]:
+    def target_rules(self, model: Model, layout: str | None = None, tp: int = 1) -> list[Rule]:
         return litgpt_rules(model)
 
     def layout(self, tensors: list[OutputTensor], options: WriteOptions) -> list[OutputFile]:

@@ -103,7 +103,7 @@ class MindSporeFormat(Format):
     def default_layout(self, model: Model) -> str | None:
         return next(iter(names_for(model).layouts))
 
-    def target_rules(self, model: Model, layout: str | None = None) -> list[Rule]:
+    def target_rules(self, model: Model, layout: str | None = None, tp: int = 1) -> list[Rule]:
         names_set = names_for(model)
         names_set.check(model)
         layout = layout or next(iter(names_set.layouts))
