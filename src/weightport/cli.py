@@ -11,7 +11,7 @@ from dataclasses import asdict
 # makes each fresh allocation far cheaper to fault in. torch reads this once, at import.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from . import __version__, api, formats, mindformers_compat, verify  # noqa: E402
+from . import __version__, api, build, formats, mindformers_compat, verify  # noqa: E402
 from .dtypes import CLI_DTYPES  # noqa: E402
 from .errors import WeightportError  # noqa: E402
 from .verify import DEFAULT_SAMPLES  # noqa: E402
@@ -140,6 +140,39 @@ def _parser() -> argparse.ArgumentParser:
                    help="format, when detection should be overridden")
     i.add_argument("--tensors", action="store_true", help="also list every tensor's name, shape and dtype")
 
+    b = sub.add_parser("build", help="assemble a new model from parts of existing checkpoints",
+                       description="Assemble a KIND model from separate checkpoints and write it to OUT, streamed "
+                                   "like a conversion. idefics3: the Llama at --text becomes the text model, the "
+                                   "SigLIP vision tower at --vision the vision encoder; what neither holds (the "
+                                   "connector, the embedding and lm_head rows of the three tokens Idefics3 adds: "
+                                   "<fake_token_around_image>, <image>, <end_of_utterance>) is initialised by a "
+                                   "fixed, seeded rule, and the plan lists each initialised tensor.")
+    b.add_argument("kind", metavar="KIND", choices=["idefics3"], help="what to build: idefics3")
+    b.add_argument("out", metavar="OUT", help="output directory to create")
+    b.add_argument("--text", required=True, metavar="DIR",
+                   help="Llama checkpoint (any format weightport reads, e.g. a Hugging Face LlamaForCausalLM "
+                        "directory)")
+    b.add_argument("--vision", required=True, metavar="DIR",
+                   help="Hugging Face SigLIP checkpoint (SiglipModel or SiglipVisionModel); its pooling head "
+                        "and text tower are left out")
+    b.add_argument("--to", default="hf", metavar="FORMAT", choices=list(formats.FORMATS),
+                   help="format to write: hf (default; Idefics3ForConditionalGeneration) or nanotron")
+    b.add_argument("--seed", type=int, default=0,
+                   help="seed of the connector's N(0, initializer_range^2) init; the same seed gives the same "
+                        "bytes (default: 0). New token rows are the mean of the existing rows, not random")
+    b.add_argument("--scale-factor", type=int, default=2, metavar="S",
+                   help="Idefics3's pixel-shuffle factor: S x S patches become one image token, so the connector "
+                        "takes vision hidden x S^2 inputs (default: 2)")
+    b.add_argument("--dtype", default="auto", choices=list(CLI_DTYPES),
+                   help="dtype of the written floating-point tensors; 'auto' keeps each part's dtype "
+                        "(default: auto)")
+    b.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="largest safetensors shard for --to hf (default: 5GB)")
+    b.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel size for --to nanotron (default: 1)")
+    b.add_argument("--dry-run", action="store_true", help="build and check the plan, print it and exit")
+    b.add_argument("--force", action="store_true", help="replace OUT if it exists (only once the new one is complete)")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+
     mindformers_compat.add_parser(sub)
 
     sub.add_parser("formats", help="print the support matrix (format x architecture x direction)",
@@ -182,6 +215,20 @@ def _convert(args) -> int:
         if not report.equivalent:
             print(f"weightport: error: {args.out} was written but is not equivalent to {args.src}", file=sys.stderr)
             return 1
+    return 0
+
+
+def _build(args) -> int:
+    plan = build.build(args.kind, args.out, text=args.text, vision=args.vision, to=args.to, seed=args.seed,
+                       scale_factor=args.scale_factor, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                       tp=args.tp, force=args.force, dry_run=args.dry_run,
+                       progress=not args.quiet and sys.stderr.isatty())
+    if args.dry_run:
+        print(plan.render(verbose=True))
+        print("dry run: nothing written")
+    elif not args.quiet:
+        print(plan.render(verbose=False))
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -228,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"convert": _convert, "inspect": _inspect, "formats": _formats, "verify": _verify,
-                    "eval-captions": _eval_captions, "mindformers": _mindformers}
+                    "eval-captions": _eval_captions, "mindformers": _mindformers, "build": _build}
         return commands[args.command](args)
     except WeightportError as e:
         print(f"weightport: error: {e}", file=sys.stderr)

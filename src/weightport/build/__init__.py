@@ -1,0 +1,53 @@
+"""`weightport build`: a new model assembled from parts of existing checkpoints, written in any
+format, streamed like a conversion (the parts become one source; new tensors are made on demand)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .. import formats
+from ..api import check_output, check_parallel, open_checkpoint
+from ..dtypes import parse_dtype, parse_size
+from ..errors import WeightportError
+from ..execute import execute
+from ..formats import WriteOptions
+from ..plan import Plan, build_plan
+from . import idefics3
+
+KINDS = ("idefics3",)
+
+
+def build(kind: str, out: str | Path, *, text: str | Path, vision: str | Path, to: str = "hf",
+          text_format: str | None = None, seed: int = 0, scale_factor: int = 2,
+          dtype: str | torch.dtype | None = "auto", max_shard_size: str | int = "5GB", tp: int = 1, pp: int = 1,
+          force: bool = False, dry_run: bool = False, progress: bool = False) -> Plan:
+    """Assemble a `kind` model from its parts into `out` (format `to`); returns the executed plan."""
+    if kind not in KINDS:
+        raise WeightportError(f"cannot build {kind!r} (choose one of {', '.join(KINDS)})")
+    text, vision, out = Path(text), Path(vision), Path(out)
+    for part in (text, vision):
+        if not part.exists():
+            raise WeightportError(f"{part}: no such file or directory")
+        check_output(part, out, force)
+    target = formats.get(to)
+    check_parallel(target, tp, pp)
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
+    size = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+    text_ckpt = open_checkpoint(text, text_format)
+    try:
+        ckpt = idefics3.assemble(text_ckpt, vision, seed=seed, scale_factor=scale_factor)
+    except BaseException:
+        text_ckpt.close()
+        raise
+    try:
+        if ckpt.model.arch.name not in target.archs:
+            raise WeightportError(f"format {target.name} does not support {ckpt.model.arch.name}")
+        plan = build_plan(ckpt, target, out, dtype, WriteOptions(max_shard_size=size, tp=tp, pp=pp))
+        if not dry_run:
+            execute(plan, force=force, progress=progress)
+    finally:
+        ckpt.close()
+    return plan
