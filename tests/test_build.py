@@ -131,6 +131,7 @@ def test_wrong_parts_are_refused(parts, tmp_path, which, message):
         vision = text
     else:
         text = build_hf("qwen2", tmp_path / "qwen2")
-    with pytest.raises(WeightportError, match=message):
+    with pytest.raises(WeightportError) as e:
         build("idefics3", tmp_path / "out", text=text, vision=vision)
+    assert str(e.value).endswith(message)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
