@@ -135,3 +135,55 @@ def test_wrong_parts_are_refused(parts, tmp_path, which, message):
         build("idefics3", tmp_path / "out", text=text, vision=vision)
     assert str(e.value).endswith(message)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def word_tokenizer(path, size):
+    """A word-level tokenizer with exactly `size` ids, saved as transformers saves one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(size - 3)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(path)
+
+
+def test_tokenizer_and_processor_feed_the_model(parts, tmp_path):
+    import shutil
+
+    from PIL import Image
+    from transformers import AutoProcessor, AutoTokenizer, Idefics3ForConditionalGeneration
+
+    text, vision = parts
+    shutil.copytree(text, tmp_path / "llama")
+    word_tokenizer(tmp_path / "llama", V)
+    plan = build("idefics3", tmp_path / "out", text=tmp_path / "llama", vision=vision)
+    assert f"note:    tokenizer: <fake_token_around_image>, <image>, <end_of_utterance> added at ids {V}..{V + 2}; " \
+           "processor: Idefics3Processor, 4 tokens per image tile" in plan.render()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert len(tok) == V + 3
+    assert tok.convert_tokens_to_ids(["<fake_token_around_image>", "<image>", "<end_of_utterance>"]) == [V, V + 1, V + 2]
+
+    processor = AutoProcessor.from_pretrained(tmp_path / "out")
+    model = Idefics3ForConditionalGeneration.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert processor.image_token_id == model.config.image_token_id == V + 1
+    image = Image.fromarray((torch.rand(48, 40, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy())
+    inputs = processor(text=["w1 <image> w2 w3"], images=[[image]], return_tensors="pt")
+    # 48x40 px -> resized to 128 px on the long side -> 4x4 tiles of 32 px + the global view, 4 tokens each
+    assert (inputs["input_ids"] == V + 1).sum() == 4 * inputs["pixel_values"].shape[1] > 4
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.shape[-1] == V + 3 and torch.isfinite(logits).all()
+
+
+def test_a_tokenizer_of_another_size_is_left_out(parts, tmp_path):
+    import shutil
+
+    text, vision = parts
+    shutil.copytree(text, tmp_path / "llama")
+    word_tokenizer(tmp_path / "llama", V - 8)
+    plan = build("idefics3", tmp_path / "out", text=tmp_path / "llama", vision=vision)
+    assert f"note:    tokenizer and processor not written: its tokenizer.json has {V - 8} ids, not the model's {V}, " \
+           f"so <fake_token_around_image>, <image>, <end_of_utterance> cannot take ids {V}..{V + 2}" in plan.render()
+    assert not [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(("tokenizer", "pre", "processor"))]

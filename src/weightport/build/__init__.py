@@ -3,6 +3,7 @@ format, streamed like a conversion (the parts become one source; new tensors are
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
@@ -37,17 +38,19 @@ def build(kind: str, out: str | Path, *, text: str | Path, vision: str | Path, t
         dtype = parse_dtype(dtype)
     size = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     text_ckpt = open_checkpoint(text, text_format)
-    try:
-        ckpt = idefics3.assemble(text_ckpt, vision, seed=seed, scale_factor=scale_factor)
-    except BaseException:
-        text_ckpt.close()
-        raise
-    try:
-        if ckpt.model.arch.name not in target.archs:
-            raise WeightportError(f"format {target.name} does not support {ckpt.model.arch.name}")
-        plan = build_plan(ckpt, target, out, dtype, WriteOptions(max_shard_size=size, tp=tp, pp=pp))
-        if not dry_run:
-            execute(plan, force=force, progress=progress)
-    finally:
-        ckpt.close()
+    # the extended tokenizer and processor configs live here until execute copies them beside the weights
+    with tempfile.TemporaryDirectory(prefix="weightport-build-") as workdir:
+        try:
+            ckpt = idefics3.assemble(text_ckpt, vision, Path(workdir), seed=seed, scale_factor=scale_factor)
+        except BaseException:
+            text_ckpt.close()
+            raise
+        try:
+            if ckpt.model.arch.name not in target.archs:
+                raise WeightportError(f"format {target.name} does not support {ckpt.model.arch.name}")
+            plan = build_plan(ckpt, target, out, dtype, WriteOptions(max_shard_size=size, tp=tp, pp=pp))
+            if not dry_run:
+                execute(plan, force=force, progress=progress)
+        finally:
+            ckpt.close()
     return plan

@@ -34,6 +34,7 @@ from ..io import open_files
 from ..ops import Concat, Identity, Invert
 from ..rules import Rule
 from .parts import Made, PartsSource
+from .processor import write_processor
 
 NEW_TOKENS = ("<fake_token_around_image>", "<image>", "<end_of_utterance>")
 CONNECTOR = "model.connector.modality_projection.proj.weight"
@@ -76,9 +77,10 @@ def _connector(shape: tuple[int, int], std: float, seed: int, dtype: torch.dtype
     return make
 
 
-def assemble(text: Checkpoint, vision_dir: Path, *, seed: int = 0, scale_factor: int = 2) -> Checkpoint:
+def assemble(text: Checkpoint, vision_dir: Path, workdir: Path, *, seed: int = 0, scale_factor: int = 2) -> Checkpoint:
     """An Idefics3 checkpoint (HF names at the hub) whose tensors come from `text` (a Llama
-    checkpoint in any format) and the SigLIP checkpoint in `vision_dir`, plus the new ones."""
+    checkpoint in any format) and the SigLIP checkpoint in `vision_dir`, plus the new ones; the
+    extended tokenizer and processor files are written into `workdir`."""
     llama = text.model
     if llama.arch not in LLAMA_ARCHS or llama.arch.name != "llama":
         raise WeightportError(f"{text.path}: the text model is {llama.arch.name}; Idefics3's text model is a Llama")
@@ -144,13 +146,11 @@ def assemble(text: Checkpoint, vision_dir: Path, *, seed: int = 0, scale_factor:
     except BaseException:
         vision.close()
         raise
-    tokenizer = [p for p in text.side_files if p.name.startswith(("tokenizer", "special_tokens", "added_tokens"))]
-    if tokenizer:
-        notes.append(f"tokenizer not copied: it lacks {', '.join(NEW_TOKENS)}; add them "
-                     f"(ids {d.vocab}..{vocab - 1}) with transformers' Idefics3Processor")
+    side_files, note = write_processor(text.side_files, vision_dir, d.vocab, NEW_TOKENS, vcfg["image_size"],
+                                       vcfg["patch_size"], scale_factor, workdir)
+    notes.append(note)
     return Checkpoint(path=text.path, format=text.format,
                       variant=f"idefics3 assembled from {text.path.name} + {vision_dir.name}", model=model,
-                      source=source, rules=rules, dropped=dropped, notes=notes,
-                      side_files=[p for p in text.side_files if p not in tokenizer],
+                      source=source, rules=rules, dropped=dropped, notes=notes, side_files=side_files,
                       generation_config=text.generation_config)
 
