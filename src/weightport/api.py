@@ -17,13 +17,24 @@ from .formats import Checkpoint, WriteOptions
 from .plan import Plan, build_plan
 
 
-def open_checkpoint(path: str | Path, fmt: str | None = None, layout: str | None = None) -> Checkpoint:
+def open_checkpoint(path: str | Path, fmt: str | None = None, layout: str | None = None,
+                    bases: dict[str, str | Path] | None = None) -> Checkpoint:
+    """`bases`: base checkpoints that complete a partial one ({"llm": DIR, "visual_encoder": DIR})."""
     path = Path(path)
     adapter = formats.get(fmt) if fmt else formats.detect(path)
     if not path.exists():
         raise WeightportError(f"{path}: no such file or directory")
     _check_choice(adapter, "layout", layout, adapter.layouts)
-    return adapter.open(path, layout)
+    bases = {k: Path(v) for k, v in (bases or {}).items() if v is not None}
+    if not bases:
+        return adapter.open(path, layout)
+    if not getattr(adapter, "takes_bases", False):
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in bases)
+        raise WeightportError(f"{flags}: only for partial xtuner checkpoints, not format {adapter.name}")
+    for k, v in bases.items():
+        if not v.is_dir():
+            raise WeightportError(f"{v}: no such directory (--{k.replace('_', '-')})")
+    return adapter.open(path, layout, bases=bases)
 
 
 def _check_choice(adapter, kind: str, value: str | None, choices: tuple[str, ...], model=None) -> None:
@@ -43,6 +54,13 @@ def check_output(src: Path, out: Path, force: bool) -> None:
         raise WeightportError(f"{out}: already exists; pass --force to replace it")
 
 
+def check_supports(target, model) -> None:
+    if model.arch.name not in target.archs:
+        able = [f.name for f in formats.FORMATS.values() if model.arch.name in f.archs]
+        raise WeightportError(f"format {target.name} does not support {model.arch.name} "
+                              f"(formats that do: {', '.join(able)})")
+
+
 def check_parallel(target, tp: int, pp: int) -> None:
     """--tp / --pp: positive, and only for a format that writes per-rank files."""
     for flag, n in (("--tp", tp), ("--pp", pp)):
@@ -56,24 +74,24 @@ def plan_conversion(src: str | Path, out: str | Path, to: str, *, source_format:
                     dtype: str | torch.dtype | None = "auto", max_shard_size: str | int = "5GB",
                     layout: str | None = None, source_layout: str | None = None,
                     container: str | None = None, tp: int = 1, pp: int = 1,
-                    allow_approximate: bool = False, nanotron_version: str | None = None) -> Plan:
+                    allow_approximate: bool = False, nanotron_version: str | None = None,
+                    llm: str | Path | None = None, visual_encoder: str | Path | None = None) -> Plan:
     target = formats.get(to)
     check_parallel(target, tp, pp)
     if nanotron_version is not None and target.name != "nanotron":
         raise WeightportError(f"--nanotron-version applies to nanotron, not {target.name}")
     _check_choice(target, "container", container, target.containers)
-    ckpt = open_checkpoint(src, source_format, source_layout)
+    ckpt = open_checkpoint(src, source_format, source_layout, {"llm": llm, "visual_encoder": visual_encoder})
     try:
         if isinstance(dtype, str):
             dtype = parse_dtype(dtype)
         size = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
-        if ckpt.model.arch.name not in target.archs:
-            raise WeightportError(f"format {target.name} does not support {ckpt.model.arch.name}")
+        check_supports(target, ckpt.model)
         _check_choice(target, "layout", layout, target.layouts_for(ckpt.model), ckpt.model)
-        return build_plan(ckpt, target, Path(out), dtype, WriteOptions(max_shard_size=size, layout=layout,
-                                                                      container=container, tp=tp, pp=pp,
-                                                                      allow_approximate=allow_approximate,
-                                                                      nanotron_version=nanotron_version))
+        options = WriteOptions(max_shard_size=size, layout=layout, container=container, tp=tp, pp=pp,
+                               allow_approximate=allow_approximate, nanotron_version=nanotron_version)
+        ckpt = target.prepare(ckpt, options)
+        return build_plan(ckpt, target, Path(out), dtype, options)
     except BaseException:
         ckpt.close()
         raise
@@ -84,7 +102,8 @@ def convert(src: str | Path, out: str | Path, to: str, *, source_format: str | N
             allow_overflow: bool = False, dry_run: bool = False, progress: bool = False,
             layout: str | None = None, source_layout: str | None = None, container: str | None = None,
             tp: int = 1, pp: int = 1, allow_approximate: bool = False,
-            nanotron_version: str | None = None) -> Plan:
+            nanotron_version: str | None = None, llm: str | Path | None = None,
+            visual_encoder: str | Path | None = None) -> Plan:
     """Convert the checkpoint at `src` into format `to` at `out`; returns the executed plan."""
     src, out = Path(src), Path(out)
     if not src.exists():
@@ -92,7 +111,8 @@ def convert(src: str | Path, out: str | Path, to: str, *, source_format: str | N
     check_output(src, out, force)
     plan = plan_conversion(src, out, to, source_format=source_format, dtype=dtype, max_shard_size=max_shard_size,
                            layout=layout, source_layout=source_layout, container=container,
-                           tp=tp, pp=pp, allow_approximate=allow_approximate, nanotron_version=nanotron_version)
+                           tp=tp, pp=pp, allow_approximate=allow_approximate, nanotron_version=nanotron_version,
+                           llm=llm, visual_encoder=visual_encoder)
     try:
         if not dry_run:
             execute(plan, force=force, allow_overflow=allow_overflow, progress=progress)

@@ -77,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
                         "checkpoint_metadata.json: 1.4 (default; Nanotron main and the Idefics3 fork) or 1.2 for "
                         "nanotron 0.4 from PyPI, which reshards only checkpoints <= 1.2 (the metadata is otherwise "
                         "the same)")
+    c.add_argument("--llm", metavar="DIR",
+                   help="xtuner checkpoints that lack the language model (training froze it): the Hugging Face "
+                        "checkpoint it was trained from; the plan says which part came from where")
+    c.add_argument("--visual-encoder", metavar="DIR",
+                   help="xtuner checkpoints that lack the vision encoder (frozen in training): the CLIP vision "
+                        "checkpoint (CLIPVisionModel or CLIPModel directory) it was trained from")
     c.add_argument("--from-layout", dest="source_layout", metavar="LAYOUT",
                    help="layout of the source, when the checkpoint does not record it (same names as --layout)")
     c.add_argument("--dry-run", action="store_true",
@@ -198,7 +204,7 @@ def _convert(args) -> int:
                        dry_run=args.dry_run, progress=not args.quiet and sys.stderr.isatty(),
                        layout=args.layout, source_layout=args.source_layout, container=args.container,
                        tp=args.tp, pp=args.pp, allow_approximate=args.allow_approximate,
-                       nanotron_version=args.nanotron_version)
+                       nanotron_version=args.nanotron_version, llm=args.llm, visual_encoder=args.visual_encoder)
     if args.quiet:
         for warning in plan.warnings:
             print(f"weightport: warning: {warning}", file=sys.stderr)

@@ -313,14 +313,25 @@ class TiedWeightsDiffer(ValueError):
 
 @dataclass(frozen=True)
 class PadRows(Op):
-    """Zero rows appended along dim 0 (vocabulary padding); the inverse drops them."""
+    """Rows appended along dim 0 (vocabulary padding, new tokens): zeros, or with fill="mean" the
+    mean of the existing rows (what transformers' mean_resizing centres new embeddings on, without
+    its random spread, so the result is deterministic); the inverse drops them."""
 
     rows: int
     padded_rows: int
+    fill: str = "zero"
 
     def forward(self, xs):
         (x,) = xs
-        pad = x.new_zeros((self.padded_rows - self.rows, *x.shape[1:]))
+        n = self.padded_rows - self.rows
+        if self.fill == "mean":
+            # summed in float32 a block at a time: no float32 copy of a whole vocabulary table
+            total = torch.zeros(x.shape[1:], dtype=torch.float32)
+            for block in torch.split(x, 8192):
+                total += block.float().sum(0)
+            pad = (total / x.shape[0]).to(x.dtype).expand(n, *x.shape[1:])
+        else:
+            pad = x.new_zeros((n, *x.shape[1:]))
         return [torch.cat([x, pad], dim=0)]
 
     def inverse(self, ys):
@@ -339,7 +350,7 @@ class PadRows(Op):
         return [(self.rows, *s[1:])]
 
     def __str__(self):
-        return f"pad_rows({self.rows}->{self.padded_rows})"
+        return f"pad_rows({self.rows}->{self.padded_rows}{', mean' if self.fill == 'mean' else ''})"
 
 
 @dataclass(frozen=True)

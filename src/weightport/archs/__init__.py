@@ -11,12 +11,13 @@ from .deepseek_v2 import DEEPSEEK_V2
 from .gpt2 import GPT2
 from .idefics3 import IDEFICS3
 from .internlm import INTERNLM, INTERNLM2
+from .llava import LLAVA
 from .llama_family import ARCHS as _LLAMA_FAMILY
 from .qwen import QWEN
 from .whisper import WHISPER
 
 ARCHS: dict[str, Arch] = {a.name: a for a in (*_LLAMA_FAMILY, DEEPSEEK_V2, CHATGLM, GPT2, QWEN, WHISPER, BAICHUAN,
-                                              INTERNLM, INTERNLM2, *_COGVLM2, IDEFICS3)}
+                                              INTERNLM, INTERNLM2, *_COGVLM2, IDEFICS3, LLAVA)}
 _BY_MODEL_TYPE = {a.model_type: a for a in ARCHS.values()}
 
 
@@ -35,6 +36,8 @@ def model_from_hf_config(config: dict, where: str) -> Model:
         dims = arch.dims(config)
     except (KeyError, TypeError) as e:
         raise WeightportError(f"{where}: config for {arch.name} lacks or mistypes {e}") from None
+    except WeightportError as e:
+        raise WeightportError(f"{where}: {e}") from None
     return Model(arch, config, dims)
 
 

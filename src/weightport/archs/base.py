@@ -58,9 +58,10 @@ class Arch:
     # tensors some checkpoints carry that the model recomputes; dropped on purpose
     droppable: tuple[str, ...] = ()
     variants: tuple[str, ...] = field(default=())
-    # what the *ForCausalLM class puts before its base model's names; checkpoints saved from the
-    # base model alone (GPT2Model, the original openai-community/gpt2 files) lack it
-    base_prefix: str = ""
+    # (hub prefix, stored prefix) pairs for checkpoints that name the same tensors differently: one
+    # saved from the base model alone (GPT2Model's files lack "transformer."), or by another
+    # transformers generation (5.x drops LLaVA's "vision_model.")
+    aliases: tuple[tuple[str, str], ...] = ()
     # what `verify` can run: a decoder taking token ids (AutoModelForCausalLM), not e.g. Whisper
     causal_lm: bool = True
 

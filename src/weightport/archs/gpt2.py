@@ -43,4 +43,4 @@ def _tensors(d: Dims, cfg: dict) -> list:
 # saved from state_dict() is the embedding again, and transformers re-ties it on load (an untied
 # one is a hub tensor, so never dropped)
 GPT2 = Arch("gpt2", "GPT2LMHeadModel", "gpt2", "GPT-2, DistilGPT-2", _dims, _tensors,
-            (f"{L}.attn.bias", f"{L}.attn.masked_bias", "lm_head.weight"), base_prefix="transformer.")
+            (f"{L}.attn.bias", f"{L}.attn.masked_bias", "lm_head.weight"), aliases=(("transformer.", ""),))

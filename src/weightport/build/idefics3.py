@@ -33,7 +33,7 @@ from ..hf_config import load_json
 from ..io import open_files
 from ..ops import Concat, Identity, Invert
 from ..rules import Rule
-from .parts import Made, PartsSource
+from ..io.parts import Made, PartsSource
 from .processor import write_processor
 
 NEW_TOKENS = ("<fake_token_around_image>", "<image>", "<end_of_utterance>")

@@ -3,7 +3,7 @@ turns text and images into the ids the model expects.
 
 The three new tokens must get ids V..V+2, the rows the build appends. A tokenizer.json can only
 hold them there when the text tokenizer already has exactly V ids: the tokenizers library
-renumbers an added token whose id leaves a gap (checked with tokenizers 0.22), and transformers'
+renumbers an added token whose id leaves a gap (see tokenizer_files), and transformers'
 Idefics3Processor adds the same three tokens at len(tokenizer) when they are missing. Any other
 tokenizer is left out, with a note saying why, rather than written with ids that disagree with
 the model.
@@ -11,9 +11,9 @@ the model.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from .. import tokenizer_files
 from ..hf_config import load_json
 
 PROCESSOR = "Idefics3Processor"
@@ -26,41 +26,21 @@ IMAGE_PROCESSOR = {"image_processor_type": "Idefics3ImageProcessor", "processor_
 TILES_PER_SIDE = 4
 
 
-def _size(tokenizer: dict) -> int | None:
-    """How many ids the tokenizer.json uses (None: a model type we do not know how to count)."""
-    model = tokenizer.get("model") or {}
-    vocab = model.get("vocab")
-    if isinstance(vocab, dict):  # BPE, WordPiece, WordLevel
-        ids = list(vocab.values())
-    elif isinstance(vocab, list):  # Unigram: [piece, score] pairs, ids are positions
-        ids = [len(vocab) - 1] if vocab else []
-    else:
-        return None
-    ids += [t["id"] for t in tokenizer.get("added_tokens") or []]
-    return max(ids) + 1 if ids else 0
-
-
-def _has(tokenizer: dict, token: str) -> bool:
-    vocab = (tokenizer.get("model") or {}).get("vocab")
-    in_model = token in vocab if isinstance(vocab, dict) else any(p[0] == token for p in vocab or [])
-    return in_model or any(t["content"] == token for t in tokenizer.get("added_tokens") or [])
-
-
 def write_processor(side_files: list[Path], vision_dir: Path, vocab: int, new_tokens: tuple[str, ...],
                     image_size: int, patch_size: int, scale_factor: int, workdir: Path) -> tuple[list[Path], str]:
     """Write the extended tokenizer files and the processor configs into `workdir`; returns the
     files to place beside the weights (the text model's other side files included) and a note."""
     by_name = {p.name: p for p in side_files}
-    tokenizer_files = {n for n in by_name if n.startswith(("tokenizer", "special_tokens", "added_tokens",
+    tokenizer_names = {n for n in by_name if n.startswith(("tokenizer", "special_tokens", "added_tokens",
                                                            "vocab.", "merges."))}
-    others = [p for p in side_files if p.name not in tokenizer_files]
+    others = [p for p in side_files if p.name not in tokenizer_names]
     if "tokenizer.json" not in by_name:
-        why = "no tokenizer.json" if not tokenizer_files else "only a slow tokenizer (no tokenizer.json)"
+        why = "no tokenizer.json" if not tokenizer_names else "only a slow tokenizer (no tokenizer.json)"
         return others, (f"tokenizer and processor not written: the text model has {why}; add "
                         f"{', '.join(new_tokens)} at ids {vocab}..{vocab + len(new_tokens) - 1} yourself")
     tokenizer = load_json(by_name["tokenizer.json"])
-    size = _size(tokenizer)
-    clash = [t for t in new_tokens if _has(tokenizer, t)]
+    size = tokenizer_files.size(tokenizer)
+    clash = [t for t in new_tokens if tokenizer_files.token_id(tokenizer, t) is not None]
     if clash:
         return others, f"tokenizer and processor not written: its tokenizer.json already has {clash[0]}"
     if size != vocab:
@@ -68,16 +48,10 @@ def write_processor(side_files: list[Path], vision_dir: Path, vocab: int, new_to
         return others, (f"tokenizer and processor not written: its tokenizer.json has {has}, not the model's "
                         f"{vocab}, so {', '.join(new_tokens)} cannot take ids {vocab}..{vocab + len(new_tokens) - 1}")
 
-    entries = [{"id": vocab + k, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                "normalized": False, "special": True} for k, t in enumerate(new_tokens)]
-    tokenizer["added_tokens"] = list(tokenizer.get("added_tokens") or []) + entries
-    written = [_dump(workdir / "tokenizer.json", tokenizer)]
     config = load_json(by_name["tokenizer_config.json"]) if "tokenizer_config.json" in by_name else {}
-    if "added_tokens_decoder" in config:  # transformers 4.x keeps a copy of the added tokens here
-        config["added_tokens_decoder"].update({str(e["id"]): {k: v for k, v in e.items() if k != "id"}
-                                               for e in entries})
-    config["processor_class"] = PROCESSOR
-    written.append(_dump(workdir / "tokenizer_config.json", config))
+    tokenizer, config = tokenizer_files.with_tokens(tokenizer, config, list(new_tokens))
+    written = [tokenizer_files.dump(workdir / "tokenizer.json", tokenizer),
+               tokenizer_files.dump(workdir / "tokenizer_config.json", dict(config, processor_class=PROCESSOR))]
     if "special_tokens_map.json" in by_name:
         written.append(by_name["special_tokens_map.json"])
 
@@ -87,14 +61,8 @@ def write_processor(side_files: list[Path], vision_dir: Path, vocab: int, new_to
     siglip = vision_dir / "preprocessor_config.json"
     if siglip.is_file():  # the vision tower was trained with these
         image.update({k: v for k, v in load_json(siglip).items() if k in ("image_mean", "image_std")})
-    written.append(_dump(workdir / "preprocessor_config.json", image))
-    written.append(_dump(workdir / "processor_config.json", {"image_seq_len": seq_len, "processor_class": PROCESSOR}))
+    written.append(tokenizer_files.dump(workdir / "preprocessor_config.json", image))
+    written.append(tokenizer_files.dump(workdir / "processor_config.json",
+                                        {"image_seq_len": seq_len, "processor_class": PROCESSOR}))
     return others + written, (f"tokenizer: {', '.join(new_tokens)} added at ids {vocab}..{vocab + len(new_tokens) - 1}"
                               f"; processor: {PROCESSOR}, {seq_len} tokens per image tile")
-
-
-def _dump(path: Path, data: dict) -> Path:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    return path

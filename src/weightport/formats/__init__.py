@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import WeightportError
-from . import hf, litgpt, mindspore, nanotron
+from . import hf, litgpt, llava_hf, mindspore, nanotron, xtuner_llava
 from .base import Checkpoint, Format, OutputFile, OutputTensor, WriteOptions
 
-FORMATS: dict[str, Format] = {f.name: f for f in (hf.FORMAT, litgpt.FORMAT, mindspore.FORMAT, nanotron.FORMAT)}
+# detection takes the first that claims a path: the LLaVA layouts before the plain hf they contain
+FORMATS: dict[str, Format] = {f.name: f for f in (xtuner_llava.FORMAT, llava_hf.FORMAT, hf.FORMAT, litgpt.FORMAT,
+                                                  mindspore.FORMAT, nanotron.FORMAT)}
 
 
 def get(name: str) -> Format:

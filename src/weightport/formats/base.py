@@ -119,6 +119,11 @@ class Format:
         """The layout written when none is asked for (None: the format has only one)."""
         return self.layouts[0] if self.layouts else None
 
+    def prepare(self, source: Checkpoint, options: WriteOptions) -> Checkpoint:
+        """The source as this format will write it: a format whose model needs something the
+        source lacks (LLaVA in transformers needs an image token) returns it with that added."""
+        return source
+
     def check_write(self, model: Model, options: WriteOptions) -> list[str]:
         """Refuse (WeightportError) what this format cannot hold of the model with these options,
         before any work; returns warnings for what --allow-approximate lets through."""

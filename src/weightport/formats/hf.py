@@ -45,10 +45,33 @@ def _weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None, P
     raise WeightportError(f"{directory}: no model.safetensors, pytorch_model.bin or index found")
 
 
+def _stored_names(model: Model, stored: dict) -> tuple[list[Rule], dict[str, str]]:
+    """Rules from the hub names to the names this checkpoint uses (an arch's aliases apply where the
+    hub prefix is absent and the alias present), and stored tensors dropped as recomputed."""
+    prefixes = [(hub, alt) for hub, alt in model.arch.aliases
+                if not any(n.startswith(hub) for n in stored)
+                and any(n.startswith(alt) and not n.startswith(hub) for n in stored)]
+
+    def name(h: str) -> str:
+        for hub, alt in prefixes:
+            if h.startswith(hub):
+                return alt + h.removeprefix(hub)
+        return h
+
+    rules = [Rule(h, name(h)) for h in model.hub_tensors()]
+    dropped = {}
+    for hub, alt in prefixes:
+        for n in stored:
+            if n.startswith(alt) and model.arch.is_droppable(hub + n.removeprefix(alt)):
+                dropped[n] = "recomputed by the model"
+    return rules, dropped
+
+
 class HFFormat(Format):
     name = "hf"
     title = "Hugging Face Transformers (safetensors or pytorch_model.bin, config.json)"
-    archs = tuple(ARCHS)
+    # LLaVA has its own formats (llava-hf adds what transformers needs to run it)
+    archs = tuple(a for a in ARCHS if a != "llava")
 
     def detect(self, path: Path) -> bool:
         if not (path.is_dir() and (path / "config.json").is_file()):
@@ -72,13 +95,10 @@ class HFFormat(Format):
                     raise WeightportError(f"{index}: names tensor {tensor} in {shard}, but {shard} does not hold it")
         generation = path / "generation_config.json"
         variant = "safetensors" if files[0].suffix == ".safetensors" else "pytorch_model.bin"
-        rules, dropped, prefix = identity_rules(list(model.hub_tensors())), {}, model.arch.base_prefix
-        if prefix and not any(n.startswith(prefix) for n in source.tensors) \
-                and all(h.startswith(prefix) for h in model.hub_tensors()):
-            # saved from the base model (the original GPT-2 files): the same tensors, unprefixed
-            rules = [Rule(h, h.removeprefix(prefix)) for h in model.hub_tensors()]
-            dropped = {n: "recomputed by the model" for n in source.tensors if model.arch.is_droppable(prefix + n)}
-            variant += f", base-model names (no {prefix!r})"
+        rules, dropped = _stored_names(model, source.tensors)
+        for hub, alt in model.arch.aliases:
+            if any(r.hub[0].startswith(hub) and r.fmt[0] != r.hub[0] for r in rules):
+                variant += f", base-model names (no {hub!r})" if not alt else f", names {alt!r}* for {hub!r}*"
         return Checkpoint(
             path=path, format=self, variant=f"{variant}, {len(files)} file(s)", model=model, source=source,
             rules=rules, dropped=dropped,

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from ..io.source import TensorMeta, TensorSource
+from .source import TensorMeta, TensorSource
 
 
 @dataclass(frozen=True)
