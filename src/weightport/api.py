@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from . import formats
+from . import bridges, formats
 from .archs import ARCHS
 from .dtypes import parse_dtype, parse_size, short_name
 from .errors import WeightportError
@@ -75,7 +75,8 @@ def plan_conversion(src: str | Path, out: str | Path, to: str, *, source_format:
                     layout: str | None = None, source_layout: str | None = None,
                     container: str | None = None, tp: int = 1, pp: int = 1,
                     allow_approximate: bool = False, nanotron_version: str | None = None,
-                    llm: str | Path | None = None, visual_encoder: str | Path | None = None) -> Plan:
+                    llm: str | Path | None = None, visual_encoder: str | Path | None = None,
+                    to_arch: str | None = None) -> Plan:
     target = formats.get(to)
     check_parallel(target, tp, pp)
     if nanotron_version is not None and target.name != "nanotron":
@@ -86,6 +87,8 @@ def plan_conversion(src: str | Path, out: str | Path, to: str, *, source_format:
         if isinstance(dtype, str):
             dtype = parse_dtype(dtype)
         size = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+        if to_arch is not None:
+            ckpt = bridges.to_arch(ckpt, to_arch, allow_approximate)
         check_supports(target, ckpt.model)
         _check_choice(target, "layout", layout, target.layouts_for(ckpt.model), ckpt.model)
         options = WriteOptions(max_shard_size=size, layout=layout, container=container, tp=tp, pp=pp,
@@ -103,7 +106,7 @@ def convert(src: str | Path, out: str | Path, to: str, *, source_format: str | N
             layout: str | None = None, source_layout: str | None = None, container: str | None = None,
             tp: int = 1, pp: int = 1, allow_approximate: bool = False,
             nanotron_version: str | None = None, llm: str | Path | None = None,
-            visual_encoder: str | Path | None = None) -> Plan:
+            visual_encoder: str | Path | None = None, to_arch: str | None = None) -> Plan:
     """Convert the checkpoint at `src` into format `to` at `out`; returns the executed plan."""
     src, out = Path(src), Path(out)
     if not src.exists():
@@ -112,7 +115,7 @@ def convert(src: str | Path, out: str | Path, to: str, *, source_format: str | N
     plan = plan_conversion(src, out, to, source_format=source_format, dtype=dtype, max_shard_size=max_shard_size,
                            layout=layout, source_layout=source_layout, container=container,
                            tp=tp, pp=pp, allow_approximate=allow_approximate, nanotron_version=nanotron_version,
-                           llm=llm, visual_encoder=visual_encoder)
+                           llm=llm, visual_encoder=visual_encoder, to_arch=to_arch)
     try:
         if not dry_run:
             execute(plan, force=force, allow_overflow=allow_overflow, progress=progress)

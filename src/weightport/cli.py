@@ -77,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
                         "checkpoint_metadata.json: 1.4 (default; Nanotron main and the Idefics3 fork) or 1.2 for "
                         "nanotron 0.4 from PyPI, which reshards only checkpoints <= 1.2 (the metadata is otherwise "
                         "the same)")
+    c.add_argument("--to-arch", metavar="ARCH", choices=["llama"],
+                   help="change the architecture on the way: llama turns a Phi-3 model (or a LLaVA's Phi-3 text "
+                        "model) into a Llama computing the same function, as the official LLaVA codebase needs "
+                        "(qkv_proj and gate_up_proj split). A sliding window or long-rope scaling, which Llama "
+                        "lacks, needs --allow-approximate")
     c.add_argument("--llm", metavar="DIR",
                    help="xtuner checkpoints that lack the language model (training froze it): the Hugging Face "
                         "checkpoint it was trained from; the plan says which part came from where")
@@ -91,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--allow-approximate", action="store_true",
                    help="convert what the target format can only approximate instead of refusing it, with a "
                         "warning saying what changes (nanotron: Llama rope_scaling, which Nanotron stores but never "
-                        "applies); what cannot be held at all (biases, a head_dim other than hidden/heads) is still "
+                        "applies; --to-arch llama: Phi-3's sliding window or long-rope scaling); what cannot be held at all (biases, a head_dim other than hidden/heads) is still "
                         "refused")
     c.add_argument("--allow-overflow", action="store_true",
                    help="with --dtype float16, cast even tensors with values beyond ±65504 (they become inf)")
@@ -204,7 +209,8 @@ def _convert(args) -> int:
                        dry_run=args.dry_run, progress=not args.quiet and sys.stderr.isatty(),
                        layout=args.layout, source_layout=args.source_layout, container=args.container,
                        tp=args.tp, pp=args.pp, allow_approximate=args.allow_approximate,
-                       nanotron_version=args.nanotron_version, llm=args.llm, visual_encoder=args.visual_encoder)
+                       nanotron_version=args.nanotron_version, llm=args.llm, visual_encoder=args.visual_encoder,
+                       to_arch=args.to_arch)
     if args.quiet:
         for warning in plan.warnings:
             print(f"weightport: warning: {warning}", file=sys.stderr)

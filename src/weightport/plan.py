@@ -141,7 +141,7 @@ def build_plan(source: Checkpoint, target: Format, out_dir: Path, dtype: torch.d
     metas = source.source.tensors
     model = source.model
     options = replace(options, layout=options.layout or target.default_layout(model))
-    warnings = target.check_write(model, options)
+    warnings = source.warnings + target.check_write(model, options)
     expected = model.hub_tensors()
     problems: list[str] = []
 

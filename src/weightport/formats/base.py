@@ -35,6 +35,8 @@ class Checkpoint:
     notes: list[str] = field(default_factory=list)
     # stored tensors the format itself sets aside (e.g. optimizer state), with why
     dropped: dict[str, str] = field(default_factory=dict)
+    # what reading it this way approximates (an architecture change under --allow-approximate)
+    warnings: list[str] = field(default_factory=list)
 
     def close(self) -> None:
         self.source.close()
