@@ -152,3 +152,35 @@ def test_bad_input_is_refused_with_nothing_written(parts, tmp_path, case, messag
         weightport.convert(src, tmp_path / "out", "llava-hf")
     assert str(e.value) == message.format(src=src)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_official_layout_round_trip_and_logits(xtuner_dir, reference, tmp_path):
+    plan = weightport.convert(xtuner_dir, tmp_path / "llava-official", "llava")
+    out = tmp_path / "llava-official"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["LlavaLlamaForCausalLM"] and cfg["model_type"] == "llava_llama"
+    assert cfg["mm_vision_tower"] == str((out / "vision_tower").resolve())
+    assert (cfg["mm_projector_type"], cfg["mm_vision_select_layer"], cfg["mm_vision_select_feature"],
+            cfg["mm_hidden_size"], cfg["unfreeze_mm_vision_tower"]) == ("mlp2x_gelu", -2, "patch", 32, False)
+    stored = load_file(out / "model.safetensors")
+    assert {"model.mm_projector.0.weight", "model.mm_projector.2.bias"} <= stored.keys()
+    assert not [k for k in stored if "vision_tower" in k]
+    assert sorted(p.name for p in (out / "vision_tower").iterdir()) == ["config.json", "model.safetensors",
+                                                                         "preprocessor_config.json"]
+    # official -> llava-hf computes what the parts compute; official -> xtuner is the source again
+    weightport.convert(out, tmp_path / "hf", "llava-hf")
+    assert (llava_hf_logits(tmp_path / "hf")[..., :VOCAB] - reference).abs().max() < 1e-5
+    weightport.convert(out, tmp_path / "back", "xtuner-llava")
+    want, got = tensors_of(xtuner_dir), tensors_of(tmp_path / "back")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_official_refuses_a_phi3_text_model_without_to_arch(tmp_path):
+    llm = build_llm(tmp_path / "phi3", kind="phi3")
+    src = build_xtuner_dir(tmp_path / "x", llm, build_clip(tmp_path / "clip"), projector_weights())
+    with pytest.raises(WeightportError) as e:
+        weightport.convert(src, tmp_path / "out", "llava")
+    assert str(e.value) == ("the official LLaVA codebase runs Llama language models only (LlavaLlamaForCausalLM); "
+                            "this one is phi3: add --to-arch llama")
+    weightport.convert(src, tmp_path / "out", "llava", to_arch="llama")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "llava_llama"

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import WeightportError
-from . import hf, litgpt, llava_hf, mindspore, nanotron, xtuner_llava
+from . import hf, litgpt, llava_hf, llava_official, mindspore, nanotron, xtuner_llava
 from .base import Checkpoint, Format, OutputFile, OutputTensor, WriteOptions
 
 # detection takes the first that claims a path: the LLaVA layouts before the plain hf they contain
-FORMATS: dict[str, Format] = {f.name: f for f in (xtuner_llava.FORMAT, llava_hf.FORMAT, hf.FORMAT, litgpt.FORMAT,
-                                                  mindspore.FORMAT, nanotron.FORMAT)}
+FORMATS: dict[str, Format] = {f.name: f for f in (xtuner_llava.FORMAT, llava_official.FORMAT, llava_hf.FORMAT,
+                                                  hf.FORMAT, litgpt.FORMAT, mindspore.FORMAT, nanotron.FORMAT)}
 
 
 def get(name: str) -> Format:

@@ -166,6 +166,15 @@ def write_hf_sidecar(directory: Path, source: Checkpoint, model: Model, config: 
     return written + copy_side_files(source.side_files, directory)
 
 
+def final_dir(directory: Path) -> Path:
+    """The path an output directory will have: execute writes into .<name>.weightport-partial-<pid>
+    and renames it at the end, and some configs must name the final path."""
+    name = directory.name
+    if name.startswith(".") and ".weightport-partial-" in name:
+        name = name[1:].rsplit(".weightport-partial-", 1)[0]
+    return (directory.parent / name).resolve()
+
+
 def write_json(path: Path, data: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, sort_keys=True)

@@ -22,7 +22,8 @@ from ...hf_config import load_json
 from ...io.nanotron_shards import (VERSION, VERSIONS, NanotronSource, NanotronWriter, ShardFile, Sharding,
                                    file_name, local_shape, shard_metadata, shard_pairs)
 from ...rules import Rule
-from ..base import Checkpoint, Format, OutputTensor, Writer, WriteOptions, find_side_files, write_hf_sidecar, write_json
+from ..base import (Checkpoint, Format, OutputTensor, Writer, WriteOptions, final_dir, find_side_files,
+                    write_hf_sidecar, write_json)
 from . import idefics3, llama
 
 MODEL_CONFIG, YAML, META = "model_config.json", "config.yaml", "checkpoint_metadata.json"
@@ -38,14 +39,6 @@ def _check_divides(arch, name: str, shape: tuple[int, ...], s: Sharding, tp: int
         if n % tp:
             raise WeightportError(f"--tp {tp} does not divide {label} ({n}) of {name}; "
                                   "choose a TP size that divides it")
-
-
-def _final_path(directory: Path) -> Path:
-    # execute writes into .<name>.weightport-partial-<pid> and renames it; config.yaml names the final path
-    name = directory.name
-    if name.startswith(".") and ".weightport-partial-" in name:
-        name = name[1:].rsplit(".weightport-partial-", 1)[0]
-    return (directory.parent / name).resolve()
 
 
 class NanotronFormat(Format):
@@ -122,7 +115,7 @@ class NanotronFormat(Format):
         tp, pp = options.tp, options.pp
         nt = ARCHS[model.arch.name].to_nanotron(model, options)
         (directory / MODEL_CONFIG).write_text(json.dumps(nt))
-        init = str(_final_path(directory))
+        init = str(final_dir(directory))
         full = yaml_config(nt, tp, pp, short_name(dtype), init, model.config.get("_name_or_path"))
         with open(directory / YAML, "w", encoding="utf-8") as f:
             yaml.safe_dump(full, f)
