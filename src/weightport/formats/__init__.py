@@ -8,9 +8,10 @@ from ..errors import WeightportError
 from . import hf, litgpt, llava_hf, llava_official, mindspore, nanotron, xtuner_llava
 from .base import Checkpoint, Format, OutputFile, OutputTensor, WriteOptions
 
+FORMATS: dict[str, Format] = {f.name: f for f in (hf.FORMAT, litgpt.FORMAT, mindspore.FORMAT, nanotron.FORMAT,
+                                                  xtuner_llava.FORMAT, llava_official.FORMAT, llava_hf.FORMAT)}
 # detection takes the first that claims a path: the LLaVA layouts before the plain hf they contain
-FORMATS: dict[str, Format] = {f.name: f for f in (xtuner_llava.FORMAT, llava_official.FORMAT, llava_hf.FORMAT,
-                                                  hf.FORMAT, litgpt.FORMAT, mindspore.FORMAT, nanotron.FORMAT)}
+_DETECTION_ORDER = ("xtuner-llava", "llava", "llava-hf", "hf", "litgpt", "mindspore", "nanotron")
 
 
 def get(name: str) -> Format:
@@ -23,7 +24,7 @@ def get(name: str) -> Format:
 def detect(path: Path) -> Format:
     if not path.exists():
         raise WeightportError(f"{path}: no such file or directory")
-    found = [f for f in FORMATS.values() if f.detect(path)]
+    found = [FORMATS[n] for n in _DETECTION_ORDER if FORMATS[n].detect(path)]
     if not found:
         raise WeightportError(f"{path}: not a checkpoint in any known format ({', '.join(FORMATS)}); "
                               "pass --from to say which it is")
