@@ -129,3 +129,75 @@ def llava_hf_logits(path: Path) -> torch.Tensor:
                                                           attn_implementation="eager").eval()
     with torch.no_grad():
         return model(input_ids=prompt(model.config.image_token_index), pixel_values=pixels()).logits
+
+
+def trained_state_dict(llm: Path, clip: Path, projector: dict, parts=("llm", "visual_encoder", "projector"),
+                       shift: float = 0.01) -> dict:
+    """xtuner LLaVAModel.state_dict() after training: the trained parts under llm.*, visual_encoder.*
+    (CLIPVisionModel's module names) and projector.*, the trained weights differing from the bases."""
+    sd = {}
+    if "llm" in parts:
+        sd.update({f"llm.{k}": v + shift for k, v in load_file(llm / "model.safetensors").items()})
+    if "visual_encoder" in parts:
+        sd.update({f"visual_encoder.{k}": v + shift for k, v in load_file(clip / "model.safetensors").items()})
+    if "projector" in parts:
+        sd.update({f"projector.{k}": v for k, v in projector.items()})
+    return sd
+
+
+def save_mmengine_checkpoint(path: Path, state_dict: dict) -> Path:
+    """iter_N.pth as mmengine's Runner saves it: the state dict beside bookkeeping that pickles numpy
+    objects and non-tensor classes."""
+    import argparse
+
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"meta": {"epoch": 1, "iter": 50, "seed": np.int64(42), "cfg": "model = dict(type=LLaVAModel)"},
+                "state_dict": state_dict,
+                "message_hub": {"log_scalars": {"train/loss": np.array([2.5, 2.25])},
+                                "runtime_info": argparse.Namespace(iter=50)},
+                "optimizer": {"state": {}, "param_groups": [{"lr": 2e-5}]}}, path)
+    return path
+
+
+def save_zero_checkpoint(path: Path, state_dict: dict, stage: int, world: int = 2) -> Path:
+    """The DeepSpeed ZeRO tag directory iter_N.pth/, by DeepSpeed's layout: ZeRO-2 keeps the module
+    state dict whole; ZeRO-3 keeps per-rank fp32 flat groups where each parameter takes
+    ceil(numel / world) elements a rank (zero-padded), in param_shapes order, two param groups."""
+    import argparse
+    import math
+    from collections import OrderedDict
+
+    path.mkdir(parents=True)
+    names = list(state_dict)
+    groups = [names[: len(names) // 2], names[len(names) // 2:]]
+    shapes = [OrderedDict((n, torch.Size(state_dict[n].shape)) for n in g) for g in groups]
+    common = {"buffer_names": [], "param_shapes": shapes, "shared_params": [], "ds_version": "0.16.4",
+              "ds_config": {"zero_optimization": {"stage": stage}}, "dp_world_size": world, "mp_world_size": 1}
+    if stage == 2:
+        torch.save(dict(common, module=state_dict, frozen_param_shapes=None), path / "mp_rank_00_model_states.pt")
+        for r in range(world):
+            torch.save({"optimizer_state_dict": {"zero_stage": 2, "partition_count": world,
+                                                 "loss_scaler": argparse.Namespace(cur_scale=1.0)}},
+                       path / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+        return path
+    flats = [[] for _ in range(world)]
+    for g in groups:
+        pieces = [[] for _ in range(world)]
+        for n in g:
+            t = state_dict[n].float().reshape(-1)
+            part = math.ceil(t.numel() / world)
+            t = torch.cat([t, t.new_zeros(part * world - t.numel())])
+            for r in range(world):
+                pieces[r].append(t[r * part:(r + 1) * part])
+        for r in range(world):
+            flats[r].append(torch.cat(pieces[r]))
+    for r in range(world):
+        placeholders = {n: torch.empty(0) for n in names}
+        torch.save(dict(common, module=placeholders, frozen_param_shapes=None),
+                   path / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
+        torch.save({"optimizer_state_dict": {"zero_stage": 3, "partition_count": world, "fp32_flat_groups": flats[r],
+                                             "loss_scaler": argparse.Namespace(cur_scale=1.0)}},
+                   path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+    return path

@@ -28,6 +28,7 @@ class PartsSource(TensorSource):
     `made` tensors under their own names."""
 
     def __init__(self, parts: dict[str, TensorSource], made: dict[str, Made]):
+        """`parts` by prefix; tensors of a part are all exposed unless hide() narrows them."""
         self._parts = parts
         self._made = made
         self._owner: dict[str, tuple[TensorSource, str]] = {}
@@ -38,6 +39,12 @@ class PartsSource(TensorSource):
                 self._owner[prefix + name] = (part, name)
         for name, m in made.items():
             self.tensors[name] = TensorMeta(name, m.shape, m.dtype, Path(f"<made: {m.how}>"))
+
+    def hide(self, names: set[str]) -> None:
+        """Leave these tensors out: a base checkpoint's tensors that a training checkpoint replaces
+        are not the converted model's, and not worth a line each in the plan."""
+        for n in names:
+            self.tensors.pop(n, None)
 
     def load(self, name: str) -> torch.Tensor:
         if name in self._made:

@@ -67,6 +67,43 @@ def _flatten_state(obj: object, path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+# Training checkpoints pickle bookkeeping objects beside the weights (mmengine's HistoryBuffer,
+# numpy scalars, DeepSpeed's loss scaler and ZeRO stage enum, argparse namespaces). The
+# weights-only unpickler refuses them; these packages' globals are instead bound to inert
+# stand-ins, which record their arguments and never import or run the real class. Any other
+# global (os.system and the like) is still refused.
+INERT_PACKAGES = ("numpy", "mmengine", "deepspeed", "xtuner", "transformers", "peft", "accelerate", "argparse",
+                  "torch", "collections", "enum", "datetime", "pathlib")
+
+
+class Inert:
+    """Stands for a pickled object of a class that is never imported."""
+
+    def __new__(cls, *args, **kwargs):
+        obj = object.__new__(cls)
+        obj.args = args
+        return obj
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def load_weights_only(path: Path) -> object:
+    """torch.load(weights_only=True, mmap=True), with training bookkeeping globals as Inert."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        if not names or any(n.split(".")[0] not in INERT_PACKAGES for n in names):
+            raise
+    stand_ins = [(type(n.rsplit(".", 1)[-1], (Inert,), {"__module__": "weightport.inert"}), n) for n in names]
+    with torch.serialization.safe_globals(stand_ins):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
 class TorchFile(RangeFile):
     """A torch.save'd state dict, opened without reading its tensor data."""
 
@@ -77,7 +114,7 @@ class TorchFile(RangeFile):
                 f"{self.path}: not a zip-format torch checkpoint (legacy or truncated file); "
                 "re-save it with torch.save, or convert it to safetensors first")
         try:
-            obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            obj = load_weights_only(self.path)
         except pickle.UnpicklingError as e:
             first = str(e).strip().splitlines()
             detail = next((ln for ln in first if "Unsupported" in ln or "global" in ln.lower()), first[0] if first else "")

@@ -1,0 +1,128 @@
+"""xtuner training checkpoints: an mmengine iter_N.pth and DeepSpeed ZeRO-2/ZeRO-3 directories built
+here by the documented layouts, read without DeepSpeed, completed from their bases, converted in
+one step to llava-hf (with Phi-3 -> Llama on the way) and computing what the trained parts compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import weightport
+from llava_parts import (VOCAB, build_clip, build_llm, llava_hf_logits, projector_weights, reference_logits,
+                         save_mmengine_checkpoint, save_zero_checkpoint, trained_state_dict)
+from weightport.errors import WeightportError
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bases")
+    return build_llm(root / "llm"), build_clip(root / "clip")
+
+
+@pytest.fixture(scope="module")
+def trained(bases, tmp_path_factory):
+    """The trained parts as their own checkpoints, for the reference forward pass."""
+    llm, clip = bases
+    root = tmp_path_factory.mktemp("trained")
+    proj = projector_weights()
+    sd = trained_state_dict(llm, clip, proj)
+    import shutil
+
+    from safetensors.torch import save_file
+
+    for part, base in (("llm", llm), ("clip", clip)):
+        shutil.copytree(base, root / part)
+        prefix = "llm." if part == "llm" else "visual_encoder."
+        save_file({k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)},
+                  root / part / "model.safetensors", metadata={"format": "pt"})
+    return sd, root / "llm", root / "clip", proj
+
+
+def test_iter_pth_to_llava_hf_in_one_step(bases, trained, tmp_path):
+    llm, clip = bases
+    sd, llm_t, clip_t, proj = trained
+    pth = save_mmengine_checkpoint(tmp_path / "work" / "iter_50.pth", sd)
+    plan = weightport.convert(pth, tmp_path / "hf", "llava-hf", llm=llm, visual_encoder=clip)
+    text = plan.render()
+    assert f"note:    language model: 21 tensors from the checkpoint, 0 from --llm {llm}" in text
+    assert f"note:    vision encoder: 55 tensors from the checkpoint, 0 from --visual-encoder {clip}" in text
+    want = reference_logits(llm_t, clip_t, proj, image_id=120)
+    assert (llava_hf_logits(tmp_path / "hf")[..., :VOCAB] - want).abs().max() < 1e-5
+
+
+def test_pretrain_checkpoint_takes_the_rest_from_its_bases(bases, tmp_path):
+    llm, clip = bases
+    proj = projector_weights(seed=4)
+    pth = save_mmengine_checkpoint(tmp_path / "work" / "iter_10.pth", trained_state_dict(llm, clip, proj, parts=("projector",)))
+    plan = weightport.convert(pth, tmp_path / "x", "xtuner-llava", llm=llm, visual_encoder=clip)
+    assert f"note:    language model: 0 tensors from the checkpoint, 21 from --llm {llm}" in plan.render()
+    assert torch.equal(load_file(tmp_path / "x" / "projector" / "model.safetensors")["model.0.weight"],
+                       proj["model.0.weight"])
+    assert torch.equal(load_file(tmp_path / "x" / "model.safetensors")["lm_head.weight"],
+                       load_file(llm / "model.safetensors")["lm_head.weight"])
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_directories_read_as_the_single_file(bases, trained, tmp_path, stage):
+    llm, clip = bases
+    sd = trained[0]
+    pth = save_mmengine_checkpoint(tmp_path / "work" / "iter_50.pth", sd)
+    zero = save_zero_checkpoint(tmp_path / "zero" / "iter_50.pth", sd, stage=stage)
+    plan = weightport.convert(zero, tmp_path / "from-zero", "xtuner-llava", llm=llm, visual_encoder=clip)
+    assert plan.source.format.name == "xtuner"
+    assert plan.source.variant.startswith(f"DeepSpeed ZeRO-{stage}")
+    weightport.convert(pth, tmp_path / "from-pth", "xtuner-llava", llm=llm, visual_encoder=clip)
+    for f in ("model.safetensors", "projector/model.safetensors", "visual_encoder/model.safetensors"):
+        a, b = load_file(tmp_path / "from-zero" / f), load_file(tmp_path / "from-pth" / f)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+
+
+def test_phi3_training_checkpoint_to_llava_hf_as_llama(tmp_path):
+    llm, clip = build_llm(tmp_path / "phi3", kind="phi3"), build_clip(tmp_path / "clip")
+    proj = projector_weights()
+    pth = save_mmengine_checkpoint(tmp_path / "work" / "iter_5.pth", trained_state_dict(llm, clip, proj, shift=0.0))
+    plan = weightport.convert(pth, tmp_path / "hf", "llava-hf", llm=llm, visual_encoder=clip, to_arch="llama")
+    assert "architecture changed: phi3 -> llama" in plan.render()
+    want = reference_logits(llm, clip, proj, image_id=120)
+    assert (llava_hf_logits(tmp_path / "hf")[..., :VOCAB] - want).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("case, message", [
+    ("lora", "{pth}: tensor llm.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight is a LoRA "
+             "adapter weight; weightport cannot merge LoRA yet (merge it with xtuner's pth_to_hf --save-format "
+             "huggingface)"),
+    ("unknown", "{pth}: tensor data_preprocessor.mean is not part of xtuner's LLaVAModel (expected llm.*, "
+                "visual_encoder.* or projector.model.*)"),
+    ("no-bases", "{pth}: an xtuner training checkpoint holds no configs; pass --llm and --visual-encoder with the "
+                 "base checkpoints named in the training config (llm_name_or_path, visual_encoder_name_or_path)"),
+])
+def test_bad_training_checkpoints_are_refused(bases, tmp_path, case, message):
+    llm, clip = bases
+    sd = trained_state_dict(llm, clip, projector_weights(), parts=("projector",))
+    if case == "lora":
+        sd["llm.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"] = torch.zeros(4, 64)
+    if case == "unknown":
+        sd["data_preprocessor.mean"] = torch.zeros(3)
+    pth = save_mmengine_checkpoint(tmp_path / "work" / "iter_1.pth", sd)
+    kw = {} if case == "no-bases" else dict(llm=llm, visual_encoder=clip)
+    with pytest.raises(WeightportError) as e:
+        weightport.convert(pth, tmp_path / "out", "llava-hf", **kw)
+    assert str(e.value) == message.format(pth=pth)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_pickle_that_would_run_code_is_still_refused(bases, tmp_path):
+    import os
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    pth = tmp_path / "work" / "evil.pth"
+    pth.parent.mkdir()
+    torch.save({"state_dict": trained_state_dict(*bases, projector_weights(), parts=("projector",)),
+                "meta": Payload()}, pth)
+    llm, clip = bases
+    with pytest.raises(WeightportError, match="refused, the pickle is not weights-only and would run code"):
+        weightport.convert(pth, tmp_path / "out", "llava-hf", llm=llm, visual_encoder=clip, source_format="xtuner")
