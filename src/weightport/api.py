@@ -183,6 +183,6 @@ def support_matrix() -> list[tuple[str, str, str, str]]:
     rows = []
     for f in formats.FORMATS.values():
         for a in ARCHS.values():
-            ok = a.name in f.archs
-            rows.append((f.name, f"{a.name} — {a.title}", "yes" if ok else "no", "yes" if ok else "no"))
+            read, write = a.name in f.archs + f.read_only_archs, a.name in f.archs
+            rows.append((f.name, f"{a.name} — {a.title}", "yes" if read else "no", "yes" if write else "no"))
     return rows

@@ -102,6 +102,8 @@ class Format:
     title: str = ""
     # architectures (by Arch.name) this format can read and write
     archs: tuple[str, ...] = ()
+    # architectures it can only read (a training checkpoint nothing writes), besides `archs`
+    read_only_archs: tuple[str, ...] = ()
     # layout variants a format can be read and written in; the first is the default
     layouts: tuple[str, ...] = ()
     # file containers a format can write its tensors in; the first is the default

@@ -32,7 +32,8 @@ LORA = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "base_model.
 class XtunerPthFormat(Format):
     name = "xtuner"
     title = "xtuner LLaVA training checkpoint (iter_N.pth file or DeepSpeed ZeRO-2/3 directory; read only)"
-    archs = ()  # read only: no architecture is written in it
+    archs = ()
+    read_only_archs = ("llava",)
     takes_bases = True
 
     def detect(self, path: Path) -> bool:
