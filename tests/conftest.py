@@ -150,6 +150,18 @@ def build_tokenizer(path: Path) -> Path:
     return path
 
 
+def word_tokenizer(path: Path, size: int) -> None:
+    """A word-level tokenizer with exactly `size` ids (w0, w1, ...), saved as transformers saves one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(size - 3)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(path)
+
+
 def mindspore_python() -> str | None:
     """The Python that has the real `mindspore` (the test venv's own, unless told otherwise)."""
     exe = os.environ.get("WEIGHTPORT_MINDSPORE_PYTHON")

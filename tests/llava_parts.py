@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import build_hf
+from conftest import build_hf, word_tokenizer
 
 VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2, image_size=28,
               patch_size=14, projection_dim=16)
@@ -41,18 +41,6 @@ def build_clip(path: Path, legacy_names: bool = True) -> Path:
         "do_rescale": True, "rescale_factor": 1 / 255, "resample": 3, "do_convert_rgb": True,
         "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}))
     return path
-
-
-def word_tokenizer(path: Path, size: int) -> None:
-    """A word-level tokenizer with exactly `size` ids (w0, w1, ...), saved as transformers saves one."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(size - 3)])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(path)
 
 
 def build_llm(path: Path, kind: str = "llama3", tokenizer_size: int | None = 120, **overrides) -> Path:

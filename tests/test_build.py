@@ -11,7 +11,7 @@ import weightport
 from weightport.build import build
 from weightport.errors import WeightportError
 
-from conftest import TOKENS, assert_same_tensors, build_hf, hf_logits, run_cli, tree_digest
+from conftest import TOKENS, assert_same_tensors, build_hf, hf_logits, run_cli, tree_digest, word_tokenizer
 
 VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=32,
               patch_size=8)
@@ -135,18 +135,6 @@ def test_wrong_parts_are_refused(parts, tmp_path, which, message):
         build("idefics3", tmp_path / "out", text=text, vision=vision)
     assert str(e.value).endswith(message)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
-
-
-def word_tokenizer(path, size):
-    """A word-level tokenizer with exactly `size` ids, saved as transformers saves one."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(size - 3)])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(path)
 
 
 def test_tokenizer_and_processor_feed_the_model(parts, tmp_path):
