@@ -60,3 +60,16 @@ def set_rope(cfg: dict, theta: float, scaling: dict | None) -> None:
     if scaling:
         params.update(scaling)
     cfg["rope_parameters"] = params
+
+
+def vision_tower_config(path: Path, family: str, what: str) -> dict:
+    """The vision config in a `family` checkpoint's config.json: a `{family}_vision_model` one, or
+    the `vision_config` of a whole `{family}` (image-text) model. `what` names the family in errors."""
+    cfg = load_json(path)
+    kind = cfg.get("model_type")
+    if kind == family:
+        cfg = cfg.get("vision_config") or {}
+    elif kind != f"{family}_vision_model":
+        raise WeightportError(f"{path}: model_type {kind!r} is not a {what} checkpoint (expected {family} or "
+                              f"{family}_vision_model)")
+    return cfg

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from .base import Arch, Dims, standard_dims
 from .llama_family import _llama_tensors
+from .vision_towers import vit_tensors
 
 # LlamaConfig's defaults for the keys that shape tensors
 TEXT_DEFAULTS = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
@@ -50,25 +51,7 @@ def _dims(cfg: dict) -> Dims:
 
 
 def _vision(cfg: dict) -> list:
-    s = vision_sizes(cfg)
-    H, I, p = s["hidden"], s["intermediate"], s["patch"]
-
-    def linear(name, out, inp):
-        return [(f"{name}.weight", (out, inp)), (f"{name}.bias", (out,))]
-
-    def norm(name):
-        return [(f"{name}.weight", (H,)), (f"{name}.bias", (H,))]
-
-    out = [(f"{VISION}.embeddings.patch_embedding.weight", (H, s["channels"], p, p)),
-           (f"{VISION}.embeddings.patch_embedding.bias", (H,)),
-           (f"{VISION}.embeddings.position_embedding.weight", (s["positions"], H))]
-    for j in range(s["layers"]):
-        x = f"{VISION}.encoder.layers.{j}"
-        out += norm(f"{x}.layer_norm1")
-        for proj in ("k", "v", "q", "out"):
-            out += linear(f"{x}.self_attn.{proj}_proj", H, H)
-        out += norm(f"{x}.layer_norm2") + linear(f"{x}.mlp.fc1", I, H) + linear(f"{x}.mlp.fc2", H, I)
-    return out + norm(f"{VISION}.post_layernorm")
+    return vit_tensors(VISION, vision_sizes(cfg), clip=False)
 
 
 def _tensors(d: Dims, cfg: dict) -> list:

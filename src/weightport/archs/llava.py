@@ -16,6 +16,7 @@ from __future__ import annotations
 from ..errors import WeightportError
 from .base import Arch, Dims
 from .llama_family import ARCHS as LLAMA_FAMILY
+from .vision_towers import vit_tensors
 
 TEXT_ARCHS = {a.model_type: a for a in LLAMA_FAMILY}
 
@@ -69,26 +70,7 @@ def _dims(cfg: dict) -> Dims:
 
 def vision_tensors(cfg: dict, prefix: str = VISION) -> list:
     """CLIPVisionModel's vision_model tensors in state_dict() order, under `prefix`."""
-    s = vision_sizes(cfg)
-    H, I, p = s["hidden"], s["intermediate"], s["patch"]
-
-    def linear(name, out, inp):
-        return [(f"{name}.weight", (out, inp)), (f"{name}.bias", (out,))]
-
-    def norm(name):
-        return [(f"{name}.weight", (H,)), (f"{name}.bias", (H,))]
-
-    out = [(f"{prefix}.embeddings.class_embedding", (H,)),
-           (f"{prefix}.embeddings.patch_embedding.weight", (H, s["channels"], p, p)),
-           (f"{prefix}.embeddings.position_embedding.weight", (s["positions"], H))]
-    out += norm(f"{prefix}.pre_layrnorm")
-    for j in range(s["layers"]):
-        x = f"{prefix}.encoder.layers.{j}"
-        for proj in ("k", "v", "q", "out"):
-            out += linear(f"{x}.self_attn.{proj}_proj", H, H)
-        out += norm(f"{x}.layer_norm1") + linear(f"{x}.mlp.fc1", I, H) + linear(f"{x}.mlp.fc2", H, I)
-        out += norm(f"{x}.layer_norm2")
-    return out + norm(f"{prefix}.post_layernorm")
+    return vit_tensors(prefix, vision_sizes(cfg), clip=True)
 
 
 def projector_tensors(cfg: dict, text_hidden: int) -> list:

@@ -29,7 +29,7 @@ from ..archs.llama_family import ARCHS as LLAMA_ARCHS
 from ..errors import WeightportError
 from ..formats.base import Checkpoint
 from ..formats.hf import _weight_files
-from ..hf_config import load_json
+from ..hf_config import vision_tower_config
 from ..io import open_files
 from ..ops import Concat, Identity, Invert
 from ..rules import Rule
@@ -47,13 +47,7 @@ SIGLIP_DROPPED = (("vision_model.head.", "SigLIP's attention-pooling head: Idefi
 
 
 def vision_config(path: Path) -> dict:
-    cfg = load_json(path / "config.json")
-    kind = cfg.get("model_type")
-    if kind == "siglip":
-        cfg = cfg.get("vision_config") or {}
-    elif kind != "siglip_vision_model":
-        raise WeightportError(f"{path / 'config.json'}: model_type {kind!r} is not a SigLIP checkpoint "
-                              "(expected siglip or siglip_vision_model)")
+    cfg = vision_tower_config(path / "config.json", "siglip", "SigLIP")
     missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                            "image_size", "patch_size") if k not in cfg]
     if missing:

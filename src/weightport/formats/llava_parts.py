@@ -13,7 +13,7 @@ from pathlib import Path
 from ..archs import Model, model_from_hf_config
 from ..archs.llava import LLAVA, PROJECTOR, TEXT, TEXT_ARCHS, VISION, vision_tensors
 from ..errors import WeightportError
-from ..hf_config import load_json
+from ..hf_config import vision_tower_config
 from ..rules import Rule
 
 # xtuner's ProjectorModel: nn.Sequential(Linear, GELU, Linear) under `model`
@@ -24,13 +24,7 @@ _PROVENANCE = ("architectures", "_name_or_path", "auto_map", "transformers_versi
 
 def clip_vision_config(path: Path) -> dict:
     """The CLIP vision config in a CLIPVisionModel's (or a whole CLIPModel's) config.json."""
-    cfg = load_json(path)
-    kind = cfg.get("model_type")
-    if kind == "clip":
-        cfg = cfg.get("vision_config") or {}
-    elif kind != "clip_vision_model":
-        raise WeightportError(f"{path}: model_type {kind!r} is not a CLIP vision tower (expected clip_vision_model "
-                              "or clip); LLaVA-1.5 formats hold a CLIP ViT")
+    cfg = vision_tower_config(path, "clip", "CLIP")
     return {k: v for k, v in cfg.items() if k not in _PROVENANCE} | {"model_type": "clip_vision_model"}
 
 

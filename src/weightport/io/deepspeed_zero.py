@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import WeightportError
+from .source import AssembledSource, TensorMeta
 from .torch_file import Inert, load_weights_only
 
 MODEL_STATES_ZERO2 = "mp_rank_00_model_states.pt"
@@ -61,8 +62,8 @@ def _stage(optim: dict) -> int:
     return int(stage) if stage is not None else 0
 
 
-class ZeroSource:
-    """A TensorSource over a ZeRO checkpoint directory (the interface io.source.TensorSource has)."""
+class ZeroSource(AssembledSource):
+    """The parameters of a ZeRO checkpoint directory, by their module names."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -81,10 +82,8 @@ class ZeroSource:
         else:
             self._open_zero3(tag, ranks, optims)
             self.variant = f"DeepSpeed ZeRO-3, {len(ranks)} ranks, fp32 master weights"
-        self.files = sorted(tag.glob("*.pt"))
+        self._files, self._rank_files = [], sorted(tag.glob("*.pt"))
         self.tensors = {}
-        from .source import TensorMeta  # noqa: PLC0415 - source imports the file readers, not this module
-
         for name, shape in self._shape.items():
             dtype = self._whole[name].dtype if name in self._whole else self._parts[name][0].dtype
             self.tensors[name] = TensorMeta(name, shape, dtype, tag)
@@ -151,21 +150,9 @@ class ZeroSource:
         numel = math.prod(self._shape[name])
         return torch.cat(self._parts[name])[:numel].reshape(self._shape[name])
 
-    def mapped(self, name):
-        return None
-
-    def release(self, name):
-        pass
-
-    def iter_chunks(self, name, chunk_bytes):
-        return None
-
-    def shares_storage(self, a, b):
-        return False
-
     @property
-    def skipped(self) -> dict[str, str]:
-        return {}
+    def files(self) -> list[Path]:
+        return self._rank_files
 
     def close(self) -> None:
         self._parts, self._whole = {}, {}

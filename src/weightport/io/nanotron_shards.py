@@ -15,7 +15,7 @@ import torch
 
 from ..errors import WeightportError
 from .safetensors_file import SafetensorsFile, SafetensorsStreamWriter
-from .source import TensorMeta, TensorSource
+from .source import AssembledSource, TensorMeta
 
 # Nanotron's fork refuses newer versions on its resharding path; upstream (1.5) accepts 1.4.
 # Nanotron 0.4 (PyPI) reshards only <= 1.2; the shard metadata is the same in 1.2 to 1.5
@@ -149,7 +149,7 @@ class _Param:
     pp: int = 1
 
 
-class NanotronSource(TensorSource):
+class NanotronSource(AssembledSource):
     """Every parameter under <ckpt>/model/, whole, by its Nanotron name; reassembled from its
     shard files on `load`, with only the headers read up front."""
 
@@ -277,18 +277,6 @@ class NanotronSource(TensorSource):
 
     def parallel_sizes(self) -> set[tuple[int, int]]:
         return {(p.tp, p.pp) for p in self._params.values() if p.parts[0][1] is not None}
-
-    def mapped(self, name):
-        return None
-
-    def release(self, name):
-        pass
-
-    def iter_chunks(self, name, chunk_bytes):
-        return None
-
-    def shares_storage(self, a, b):
-        return False
 
 
 @dataclass

@@ -97,6 +97,23 @@ class TensorSource:
         self.close()
 
 
+class AssembledSource(TensorSource):
+    """Tensors put together from several stored pieces when loaded (TP shards, ZeRO partitions):
+    never one mapping, never read piecewise, never sharing storage."""
+
+    def mapped(self, name):
+        return None
+
+    def release(self, name):
+        pass
+
+    def iter_chunks(self, name, chunk_bytes):
+        return None
+
+    def shares_storage(self, a, b):
+        return False
+
+
 def open_files(paths: list[Path]) -> TensorSource:
     opened = []
     try:
