@@ -155,7 +155,7 @@ def test_bad_input_is_refused_with_nothing_written(parts, tmp_path, case, messag
 
 
 def test_official_layout_round_trip_and_logits(xtuner_dir, reference, tmp_path):
-    plan = weightport.convert(xtuner_dir, tmp_path / "llava-official", "llava")
+    weightport.convert(xtuner_dir, tmp_path / "llava-official", "llava")
     out = tmp_path / "llava-official"
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["LlavaLlamaForCausalLM"] and cfg["model_type"] == "llava_llama"

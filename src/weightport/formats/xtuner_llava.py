@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..archs import Model
-from ..archs.llava import PROJECTOR, TEXT, VISION, projector_bias, vision_sizes
+from ..archs.llava import TEXT, projector_bias, vision_sizes
 from ..dtypes import short_name
 from ..errors import WeightportError
 from ..hf_config import load_json

@@ -14,7 +14,7 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
-from ..archs.llava import PROJECTOR, TEXT, VISION
+from ..archs.llava import TEXT
 from ..errors import WeightportError
 from ..io import open_files
 from ..io.deepspeed_zero import is_zero_checkpoint, open_zero_checkpoint
