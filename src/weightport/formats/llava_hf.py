@@ -27,20 +27,14 @@ from ..errors import WeightportError
 from ..hf_config import load_json
 from ..ops import Chain, Invert, PadRows
 from ..rules import Rule
+from . import llava_parts
 from .base import Checkpoint, WriteOptions, copy_side_files, write_json
 from .hf import HFFormat
+from .llava_parts import IMAGE_PROCESSOR
 
 PROCESSOR = "LlavaProcessor"
 IMAGE, PAD = "<image>", "<pad>"
 ROW_MULTIPLE = 64
-IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
-# CLIPImageProcessor as openai/clip-vit-large-patch14-336 ships it; sizes follow the vision tower
-CLIP_IMAGE_PROCESSOR = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "resample": 3,
-                        "do_center_crop": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-                        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                        "image_std": [0.26862954, 0.26130258, 0.27577711], "do_convert_rgb": True}
-
-
 def image_token(cfg: dict) -> int | None:
     return cfg.get("image_token_index", cfg.get("image_token_id"))
 
@@ -75,6 +69,12 @@ class LlavaHFFormat(HFFormat):
             return False
         cfg = load_json(path / "config.json")
         return cfg.get("model_type") == "llava" and "mm_vision_tower" not in cfg
+
+    def open(self, path: Path, layout: str | None = None) -> Checkpoint:
+        ckpt = super().open(path, layout)
+        if (path / IMAGE_PROCESSOR).is_file():  # the vision tower's, kept for the next format
+            ckpt.side_files.append(path / IMAGE_PROCESSOR)
+        return ckpt
 
     def prepare(self, source: Checkpoint, options: WriteOptions) -> Checkpoint:
         cfg = source.model.config
@@ -119,7 +119,7 @@ class LlavaHFFormat(HFFormat):
                        options: WriteOptions) -> list[str]:
         cfg = model.config
         tokenizer = _tokenizer(source.side_files)
-        rewritten = {"tokenizer.json", "tokenizer_config.json", IMAGE_PROCESSOR_FILE}
+        rewritten = {"tokenizer.json", "tokenizer_config.json", IMAGE_PROCESSOR}
         written = ["config.json"]
         write_json(directory / "config.json", dict(cfg, architectures=[model.arch.hf_class], dtype=short_name(dtype),
                                                    torch_dtype=short_name(dtype)))
@@ -139,17 +139,13 @@ class LlavaHFFormat(HFFormat):
         tokenizer_files.dump(directory / "tokenizer.json", tokenizer)
         tokenizer_files.dump(directory / "tokenizer_config.json", dict(tok_config, processor_class=PROCESSOR))
         v = vision_sizes(cfg)
-        image = dict(CLIP_IMAGE_PROCESSOR, size={"shortest_edge": v["image"]},
-                     crop_size={"height": v["image"], "width": v["image"]})
-        if IMAGE_PROCESSOR_FILE in by_name:  # what the vision tower was trained with
-            image.update(load_json(by_name[IMAGE_PROCESSOR_FILE]))
-        image["processor_class"] = PROCESSOR
-        tokenizer_files.dump(directory / IMAGE_PROCESSOR_FILE, image)
+        image = dict(llava_parts.image_processor(model, source.side_files), processor_class=PROCESSOR)
+        tokenizer_files.dump(directory / IMAGE_PROCESSOR, image)
         strategy = cfg.get("vision_feature_select_strategy", "default")
         tokenizer_files.dump(directory / "processor_config.json",
                              {"processor_class": PROCESSOR, "image_token": IMAGE, "patch_size": v["patch"],
                               "vision_feature_select_strategy": strategy, "num_additional_image_tokens": 1})
-        return written + ["tokenizer.json", "tokenizer_config.json", IMAGE_PROCESSOR_FILE, "processor_config.json"]
+        return written + ["tokenizer.json", "tokenizer_config.json", IMAGE_PROCESSOR, "processor_config.json"]
 
     @staticmethod
     def _new_tokens(tokenizer: dict, cfg: dict) -> list[str]:

@@ -29,7 +29,8 @@ from . import llava_parts
 from .base import (Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions, copy_side_files, final_dir,
                    find_side_files, write_json)
 from .hf import FORMAT as HF, _weight_files
-from .xtuner_llava import IMAGE_PROCESSOR, SubdirWriter
+from .llava_parts import IMAGE_PROCESSOR
+from .xtuner_llava import SubdirWriter
 
 VISION_DIR = "vision_tower"
 STORED_VISION = "model.vision_tower.vision_tower.vision_model."
@@ -171,9 +172,9 @@ class LlavaOfficialFormat(Format):
         write_json(directory / VISION_DIR / "config.json",
                    dict(model.config["vision_config"], architectures=["CLIPVisionModel"], torch_dtype=short_name(dtype)))
         written.append(f"{VISION_DIR}/config.json")
-        processor = [p for p in source.side_files if p.name == IMAGE_PROCESSOR]
-        written += [f"{VISION_DIR}/{n}" for n in copy_side_files(processor, directory / VISION_DIR)]
-        return written
+        # LLaVA's CLIPVisionTower loads its image processor from mm_vision_tower
+        write_json(directory / VISION_DIR / IMAGE_PROCESSOR, llava_parts.image_processor(model, source.side_files))
+        return written + [f"{VISION_DIR}/{IMAGE_PROCESSOR}"]
 
 
 def _llama_names(model: Model) -> list[str]:

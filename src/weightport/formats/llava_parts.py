@@ -11,11 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..archs import Model, model_from_hf_config
-from ..archs.llava import LLAVA, PROJECTOR, TEXT, TEXT_ARCHS, VISION, vision_tensors
+from ..archs.llava import LLAVA, PROJECTOR, TEXT, TEXT_ARCHS, VISION, vision_sizes, vision_tensors
 from ..errors import WeightportError
-from ..hf_config import vision_tower_config
+from ..hf_config import load_json, vision_tower_config
 from ..rules import Rule
 
+IMAGE_PROCESSOR = "preprocessor_config.json"
+# CLIPImageProcessor as openai/clip-vit-large-patch14-336 ships it; sizes follow the vision tower
+CLIP_IMAGE_PROCESSOR = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "resample": 3,
+                        "do_center_crop": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                        "image_std": [0.26862954, 0.26130258, 0.27577711], "do_convert_rgb": True}
 # xtuner's ProjectorModel: nn.Sequential(Linear, GELU, Linear) under `model`
 XTUNER_PROJECTOR = ("model.0", "model.2")
 # config keys that describe where a checkpoint came from, not the network
@@ -93,3 +99,12 @@ def check_widths(model: Model, shapes: dict[str, tuple[int, ...]], names: dict[s
             v, t = model.config["vision_config"]["hidden_size"], model.dims.hidden
             raise WeightportError(f"{where}: projector tensor {stored} is {list(shapes[stored])}, but a vision width "
                                   f"of {v} and a text width of {t} need {list(want[hub])}")
+
+
+def image_processor(model: Model, side_files: list[Path]) -> dict:
+    """The vision tower's CLIPImageProcessor config: the source's own, else CLIP's at the tower's size."""
+    own = next((p for p in side_files if p.name == IMAGE_PROCESSOR), None)
+    if own is not None:
+        return load_json(own)
+    size = vision_sizes(model.config)["image"]
+    return dict(CLIP_IMAGE_PROCESSOR, size={"shortest_edge": size}, crop_size={"height": size, "width": size})

@@ -23,12 +23,13 @@ from ..io import open_files
 from ..io.parts import PartsSource
 from ..rules import Rule
 from . import llava_parts, xtuner_projector_code
+from .llava_parts import IMAGE_PROCESSOR
 from .base import (Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions, copy_side_files,
                    find_side_files, write_json)
 from .hf import FORMAT as HF, ShardedSafetensorsWriter, _weight_files
 
 PROJECTOR_DIR, VISION_DIR = "projector", "visual_encoder"
-IMAGE_PROCESSOR = "preprocessor_config.json"
+
 
 
 def _open_llm(path: Path) -> Checkpoint:

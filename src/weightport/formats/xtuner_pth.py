@@ -23,7 +23,7 @@ from ..rules import Rule
 from . import llava_parts
 from .base import Checkpoint, Format, find_side_files
 from .hf import FORMAT as HF, _weight_files
-from .xtuner_llava import IMAGE_PROCESSOR
+from .llava_parts import IMAGE_PROCESSOR
 
 LLM, VISUAL, PROJ = "llm.", "visual_encoder.", "projector."
 LORA = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "base_model.model.")
