@@ -3,6 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 LITGPT_VENV ?= .venv-litgpt
+LLAVA_VENV ?= .venv-llava
 TORCH ?= torch==2.13.0
 TRANSFORMERS ?= transformers==5.23.0
 LITGPT ?= litgpt==0.5.13
@@ -10,6 +11,10 @@ MINDSPORE ?= mindspore==2.10.0
 MINDFORMERS ?= mindformers==2.0.0
 NANOTRON ?= nanotron==0.4
 DACITE ?= dacite==1.9.2
+LLAVA ?= llava-torch==1.2.2.post1
+# what llava-torch 1.2.2.post1 pins (transformers 4.37.2 and its tokenizers/accelerate), minus
+# what CPU inference does not import (gradio, bitsandbytes, deepspeed, its torch 2.0.1)
+LLAVA_DEPS ?= transformers==4.37.2 tokenizers==0.15.1 accelerate==0.21.0 sentencepiece protobuf pillow "numpy<2" safetensors einops
 PIP_FLAGS ?= --quiet --disable-pip-version-check
 
 .PHONY: demo test bench clean
@@ -47,10 +52,20 @@ $(VENV)/.installed-nanotron: $(VENV)/.installed
 	$(VENV)/bin/pip install $(PIP_FLAGS) $(DACITE) pyyaml numpy packaging safetensors tqdm
 	touch $@
 
+# The official LLaVA codebase pins transformers 4.37: its own venv, driven as a subprocess
+# (tests/peers/llava_peer.py). llava-torch goes in without its dependencies (torch 2.0.1, gradio, ...).
+$(LLAVA_VENV)/.installed:
+	$(PYTHON) -m venv $(LLAVA_VENV)
+	$(LLAVA_VENV)/bin/pip install $(PIP_FLAGS) $(TORCH)
+	$(LLAVA_VENV)/bin/pip install $(PIP_FLAGS) $(LLAVA_DEPS)
+	$(LLAVA_VENV)/bin/pip install $(PIP_FLAGS) --no-deps $(LLAVA)
+	touch $@
+
 demo: $(VENV)/.installed
 	$(VENV)/bin/python examples/demo.py demo-out
 
-test: $(VENV)/.installed $(VENV)/.installed-mindspore $(VENV)/.installed-nanotron $(LITGPT_VENV)/.installed
+test: $(VENV)/.installed $(VENV)/.installed-mindspore $(VENV)/.installed-nanotron $(LITGPT_VENV)/.installed \
+		$(LLAVA_VENV)/.installed
 	$(VENV)/bin/python -m pytest -q
 
 bench: $(VENV)/.installed $(LITGPT_VENV)/.installed

@@ -106,6 +106,28 @@ def litgpt_peer():
     return run
 
 
+@pytest.fixture(scope="session")
+def llava_peer():
+    """Runs tests/peers/llava_peer.py with the official LLaVA codebase (llava-torch, transformers
+    4.37.2) in its own venv; `logits(ckpt, input_ids, pixel_values, tmp)` returns LLaVA's logits.
+    In CI it must be there."""
+    exe = os.environ.get("WEIGHTPORT_LLAVA_PYTHON", str(ROOT / ".venv-llava" / "bin" / "python"))
+    if not Path(exe).exists():
+        if os.environ.get("CI"):
+            pytest.fail("LLaVA venv missing in CI (`make test` must create .venv-llava)")
+        pytest.skip("LLaVA venv (.venv-llava) not installed; run `make test` to create it")
+
+    def logits(ckpt: Path, input_ids: torch.Tensor, pixel_values: torch.Tensor, tmp: Path) -> torch.Tensor:
+        torch.save({"input_ids": input_ids, "pixel_values": pixel_values}, tmp / "llava_in.pt")
+        proc = subprocess.run([exe, str(ROOT / "tests" / "peers" / "llava_peer.py"), "logits", str(ckpt),
+                               str(tmp / "llava_in.pt"), str(tmp / "llava_out.pt")], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise AssertionError(f"llava peer failed:\n{proc.stderr[-4000:]}")
+        return torch.load(tmp / "llava_out.pt", weights_only=True)["logits"]
+
+    return logits
+
+
 def litgpt_logits(peer, ckpt: Path, tmp: Path, tokens=TOKENS) -> torch.Tensor:
     """LitGPT's logits for `tokens`, through the runner `weightport verify --runtime litgpt` uses."""
     import numpy as np

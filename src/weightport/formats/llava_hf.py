@@ -122,7 +122,8 @@ class LlavaHFFormat(HFFormat):
         rewritten = {"tokenizer.json", "tokenizer_config.json", IMAGE_PROCESSOR}
         written = ["config.json"]
         write_json(directory / "config.json", dict(cfg, architectures=[model.arch.hf_class], dtype=short_name(dtype),
-                                                   torch_dtype=short_name(dtype)))
+                                                   torch_dtype=short_name(dtype),
+                                                   text_config=llava_parts.portable_text_config(cfg["text_config"])))
         if source.generation_config is not None:
             write_json(directory / "generation_config.json", source.generation_config)
             written.append("generation_config.json")

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..archs import Model, model_from_hf_config
 from ..archs.llava import LLAVA, PROJECTOR, TEXT, TEXT_ARCHS, VISION, vision_sizes, vision_tensors
 from ..errors import WeightportError
-from ..hf_config import load_json, vision_tower_config
+from ..hf_config import load_json, rope_scaling, rope_theta, set_rope, vision_tower_config
 from ..rules import Rule
 
 IMAGE_PROCESSOR = "preprocessor_config.json"
@@ -51,9 +51,18 @@ def hub_model(text_cfg: dict, vision_cfg: dict, *, projector_bias: bool = True, 
     return model_from_hf_config(config, where)
 
 
+def portable_text_config(text_cfg: dict) -> dict:
+    """The text config with its rotary settings in both spellings: xtuner and the official LLaVA
+    run transformers 4.x, which reads rope_theta, not transformers 5's rope_parameters."""
+    cfg = dict(text_cfg)
+    set_rope(cfg, rope_theta(cfg), rope_scaling(cfg))
+    return cfg
+
+
 def text_part(model: Model) -> Model:
     """The text model alone, as its own checkpoint's config.json describes it."""
-    cfg = dict(model.config["text_config"], architectures=[TEXT_ARCHS[model.config["text_config"]["model_type"]].hf_class])
+    text = model.config["text_config"]
+    cfg = dict(portable_text_config(text), architectures=[TEXT_ARCHS[text["model_type"]].hf_class])
     return model_from_hf_config(cfg, "text_config")
 
 
