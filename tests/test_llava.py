@@ -138,11 +138,15 @@ def test_a_full_tokenizer_grows_the_vocabulary_by_mean_rows(parts, tmp_path):
                          "a text width of 64 need [64, 32]"),
     ("depth-3", "{src}/projector/config.json: projector depth 3; LLaVA-1.5 formats (and transformers' "
                 "LlavaForConditionalGeneration) hold exactly 2 linear layers"),
+    ("extra-tensor", "{src}/projector/model.safetensors: tensor projector/model.4.weight is not part of a llava model "
+                     "with this config (unmapped extra tensor)"),
 ])
 def test_bad_input_is_refused_with_nothing_written(parts, tmp_path, case, message):
     llm, clip, proj = parts
     if case == "narrow-projector":
         proj = projector_weights(vision=16)
+    if case == "extra-tensor":
+        proj = dict(proj, **{"model.4.weight": torch.zeros(64, 64)})
     src = build_xtuner_dir(tmp_path / "src", None if case == "no-llm" else llm,
                            None if case == "no-vision" else clip, proj)
     if case == "depth-3":

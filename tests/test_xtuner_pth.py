@@ -126,3 +126,18 @@ def test_a_pickle_that_would_run_code_is_still_refused(bases, tmp_path):
     llm, clip = bases
     with pytest.raises(WeightportError, match="refused, the pickle is not weights-only and would run code"):
         weightport.convert(pth, tmp_path / "out", "llava-hf", llm=llm, visual_encoder=clip, source_format="xtuner")
+
+
+@pytest.mark.parametrize("via", ["xtuner-llava", "llava", "llava-hf"])
+def test_every_format_gives_back_the_training_checkpoints_tensors(bases, trained, tmp_path, via):
+    llm, clip = bases
+    sd = trained[0]
+    pth = save_mmengine_checkpoint(tmp_path / "work" / "iter_50.pth", sd)
+    weightport.convert(pth, tmp_path / via, via, llm=llm, visual_encoder=clip)
+    weightport.convert(tmp_path / via, tmp_path / "back", "xtuner-llava")
+    got = {}
+    for f, prefix in (("model.safetensors", "llm."), ("visual_encoder/model.safetensors", "visual_encoder."),
+                      ("projector/model.safetensors", "projector.")):
+        got.update({prefix + k: v for k, v in load_file(tmp_path / "back" / f).items()})
+    assert got.keys() == sd.keys()
+    assert all(torch.equal(got[k], sd[k]) for k in sd)
