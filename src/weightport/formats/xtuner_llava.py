@@ -31,17 +31,16 @@ from .hf import FORMAT as HF, ShardedSafetensorsWriter, _weight_files
 PROJECTOR_DIR, VISION_DIR = "projector", "visual_encoder"
 
 
-
 def _open_llm(path: Path) -> Checkpoint:
     if not (path / "config.json").is_file():
         raise WeightportError(f"{path}: no config.json (expected the language model's Hugging Face checkpoint)")
     return HF.open(path)
 
 
-def open_parts(where: Path, llm: Path, vision: Path, projector_files: list[Path], projector_names: tuple[str, str],
-               bias: bool, notes: list[str], stored_prefix: str = "") -> tuple[Model, PartsSource, list[Rule], Checkpoint]:
+def _open_parts(where: Path, llm: Path, vision: Path, projector_files: list[Path],
+                bias: bool) -> tuple[Model, PartsSource, list[Rule], Checkpoint]:
     """The llava hub model and source of a language model directory, a CLIP vision directory and
-    projector weights (named `projector_names` in `projector_files`)."""
+    xtuner projector weights."""
     text = _open_llm(llm)
     try:
         vision_files, _, _ = _weight_files(vision)
@@ -52,11 +51,10 @@ def open_parts(where: Path, llm: Path, vision: Path, projector_files: list[Path]
         text.close()
         raise
     source = PartsSource(parts, {})
-    rules = [Rule(TEXT + r.hub[0], tuple(f"llm/{f}" for f in r.fmt), r.op) if len(r.hub) == 1
-             else Rule(tuple(TEXT + h for h in r.hub), tuple(f"llm/{f}" for f in r.fmt), r.op) for r in text.rules]
+    rules = [Rule(tuple(TEXT + h for h in r.hub), tuple(f"llm/{f}" for f in r.fmt), r.op) for r in text.rules]
     names = [n.removeprefix("vision/") for n in source.tensors if n.startswith("vision/")]
     rules += llava_parts.vision_rules(model, "vision/" + llava_parts.vision_prefix(names))
-    rules += llava_parts.projector_rules(model, tuple(f"projector/{n}" for n in projector_names))
+    rules += llava_parts.projector_rules(model, tuple(f"projector/{n}" for n in llava_parts.XTUNER_PROJECTOR))
     llava_parts.check_widths(model, {n: m.shape for n, m in source.tensors.items()},
                              {r.hub[0]: r.fmt[0] for r in rules}, str(where))
     return model, source, rules, text
@@ -88,7 +86,7 @@ class XtunerLlavaFormat(Format):
                 raise WeightportError(f"{path / adapter}: an unmerged LoRA adapter; merge it into the base model "
                                       "first (weightport cannot merge LoRA yet)")
         files, _, _ = _weight_files(projector)
-        model, source, rules, text = open_parts(path, llm, vision, files, llava_parts.XTUNER_PROJECTOR, bias, notes)
+        model, source, rules, text = _open_parts(path, llm, vision, files, bias)
         side = [p for p in find_side_files(llm) if p.suffix != ".py"]
         if (vision / IMAGE_PROCESSOR).is_file():
             side.append(vision / IMAGE_PROCESSOR)
