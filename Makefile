@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 LITGPT_VENV ?= .venv-litgpt
 LLAVA_VENV ?= .venv-llava
+DEEPSPEED_VENV ?= .venv-deepspeed
 TORCH ?= torch==2.13.0
 TRANSFORMERS ?= transformers==5.23.0
 LITGPT ?= litgpt==0.5.13
@@ -12,6 +13,7 @@ MINDFORMERS ?= mindformers==2.0.0
 NANOTRON ?= nanotron==0.4
 DACITE ?= dacite==1.9.2
 LLAVA ?= llava-torch==1.2.2.post1
+DEEPSPEED ?= deepspeed==0.19.8
 # what llava-torch 1.2.2.post1 pins (transformers 4.37.2 and its tokenizers/accelerate), minus
 # what CPU inference does not import (gradio, bitsandbytes, deepspeed, its torch 2.0.1)
 LLAVA_DEPS ?= transformers==4.37.2 tokenizers==0.15.1 accelerate==0.21.0 sentencepiece protobuf pillow "numpy<2" safetensors einops
@@ -61,11 +63,20 @@ $(LLAVA_VENV)/.installed:
 	$(LLAVA_VENV)/bin/pip install $(PIP_FLAGS) --no-deps $(LLAVA)
 	touch $@
 
+# DeepSpeed's own ZeRO reader checks the ZeRO-2/3 directories the tests build
+# (tests/peers/deepspeed_peer.py). It ships as an sdist that imports torch to build, so torch goes in
+# first and the build uses it; DS_BUILD_OPS=0 compiles no CUDA/C++ ops (none are needed to read).
+$(DEEPSPEED_VENV)/.installed:
+	$(PYTHON) -m venv $(DEEPSPEED_VENV)
+	$(DEEPSPEED_VENV)/bin/pip install $(PIP_FLAGS) $(TORCH) numpy setuptools wheel
+	DS_BUILD_OPS=0 $(DEEPSPEED_VENV)/bin/pip install $(PIP_FLAGS) --no-build-isolation $(DEEPSPEED)
+	touch $@
+
 demo: $(VENV)/.installed
 	$(VENV)/bin/python examples/demo.py demo-out
 
 test: $(VENV)/.installed $(VENV)/.installed-mindspore $(VENV)/.installed-nanotron $(LITGPT_VENV)/.installed \
-		$(LLAVA_VENV)/.installed
+		$(LLAVA_VENV)/.installed $(DEEPSPEED_VENV)/.installed
 	$(VENV)/bin/python -m pytest -q
 
 bench: $(VENV)/.installed $(LITGPT_VENV)/.installed

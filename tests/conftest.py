@@ -128,6 +128,27 @@ def llava_peer():
     return logits
 
 
+@pytest.fixture(scope="session")
+def deepspeed_peer():
+    """DeepSpeed's own get_fp32_state_dict_from_zero_checkpoint (tests/peers/deepspeed_peer.py in
+    .venv-deepspeed): `fp32(checkpoint_dir, tag, tmp)` returns the state dict it reassembles."""
+    exe = os.environ.get("WEIGHTPORT_DEEPSPEED_PYTHON", str(ROOT / ".venv-deepspeed" / "bin" / "python"))
+    if not Path(exe).exists():
+        if os.environ.get("CI"):
+            pytest.fail("DeepSpeed venv missing in CI (`make test` must create .venv-deepspeed)")
+        pytest.skip("DeepSpeed venv (.venv-deepspeed) not installed; run `make test` to create it")
+
+    def fp32(checkpoint_dir: Path, tag: str, tmp: Path) -> dict:
+        out = tmp / "deepspeed_fp32.pt"
+        proc = subprocess.run([exe, str(ROOT / "tests" / "peers" / "deepspeed_peer.py"), "fp32", str(checkpoint_dir),
+                               tag, str(out)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise AssertionError(f"deepspeed peer failed:\n{proc.stderr[-4000:]}")
+        return torch.load(out, weights_only=True)
+
+    return fp32
+
+
 def litgpt_logits(peer, ckpt: Path, tmp: Path, tokens=TOKENS) -> torch.Tensor:
     """LitGPT's logits for `tokens`, through the runner `weightport verify --runtime litgpt` uses."""
     import numpy as np

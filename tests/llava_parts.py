@@ -161,12 +161,20 @@ def save_zero_checkpoint(path: Path, state_dict: dict, stage: int, world: int = 
     names = list(state_dict)
     groups = [names[: len(names) // 2], names[len(names) // 2:]]
     shapes = [OrderedDict((n, torch.Size(state_dict[n].shape)) for n in g) for g in groups]
-    common = {"buffer_names": [], "param_shapes": shapes, "shared_params": [], "ds_version": "0.16.4",
+    common = {"buffer_names": [], "param_shapes": shapes, "shared_params": {}, "ds_version": "0.19.8",
               "ds_config": {"zero_optimization": {"stage": stage}}, "dp_world_size": world, "mp_world_size": 1}
     if stage == 2:
+        # each group's fp32 params back to back, padded to a multiple of 2 * world, split evenly
+        partitions = [[] for _ in range(world)]
+        for g in groups:
+            flat = torch.cat([state_dict[n].float().reshape(-1) for n in g])
+            flat = torch.cat([flat, flat.new_zeros(-flat.numel() % (2 * world))])
+            for r, piece in enumerate(flat.chunk(world)):
+                partitions[r].append(piece.clone())
         torch.save(dict(common, module=state_dict, frozen_param_shapes=None), path / "mp_rank_00_model_states.pt")
         for r in range(world):
             torch.save({"optimizer_state_dict": {"zero_stage": 2, "partition_count": world,
+                                                 "single_partition_of_fp32_groups": partitions[r],
                                                  "loss_scaler": argparse.Namespace(cur_scale=1.0)}},
                        path / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
         return path

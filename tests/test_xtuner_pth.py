@@ -141,3 +141,18 @@ def test_every_format_gives_back_the_training_checkpoints_tensors(bases, trained
         got.update({prefix + k: v for k, v in load_file(tmp_path / "back" / f).items()})
     assert got.keys() == sd.keys()
     assert all(torch.equal(got[k], sd[k]) for k in sd)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_reads_the_zero_layouts_as_weightport_does(bases, trained, deepspeed_peer, tmp_path, stage):
+    """DeepSpeed's own reader on the directories these tests build: the layout is DeepSpeed's, and
+    weightport's ZeRO reader returns exactly what it returns."""
+    from weightport.io.deepspeed_zero import ZeroSource
+
+    sd = trained[0]
+    zero = save_zero_checkpoint(tmp_path / "work" / "iter_50.pth", sd, stage=stage)
+    theirs = deepspeed_peer(tmp_path / "work", "iter_50.pth", tmp_path)
+    ours = ZeroSource(zero)
+    assert theirs.keys() == ours.tensors.keys() == sd.keys()
+    for name in sd:
+        assert torch.equal(theirs[name], ours.load(name).float()), name

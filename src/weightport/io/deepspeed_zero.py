@@ -138,7 +138,8 @@ class ZeroSource(AssembledSource):
         for name in m0.get("buffer_names") or []:
             if isinstance(module.get(name), torch.Tensor):
                 self._whole[name], self._shape[name] = module[name], tuple(module[name].shape)
-        for alias, target in m0.get("shared_params") or []:
+        shared = m0.get("shared_params") or {}
+        for alias, target in shared.items() if isinstance(shared, dict) else shared:
             if target in self._shape:
                 self._shape[alias] = self._shape[target]
                 (self._parts if target in self._parts else self._whole)[alias] = \
