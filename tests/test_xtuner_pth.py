@@ -156,3 +156,27 @@ def test_deepspeed_reads_the_zero_layouts_as_weightport_does(bases, trained, dee
     assert theirs.keys() == ours.tensors.keys() == sd.keys()
     for name in sd:
         assert torch.equal(theirs[name], ours.load(name).float()), name
+
+
+def test_cli_one_command_and_one_line_errors(bases, trained, tmp_path):
+    from conftest import run_cli
+
+    llm, clip = bases
+    pth = tmp_path / "work" / "iter_50.pth"
+    pth.parent.mkdir()
+    torch.save(trained[0], pth)  # a bare state dict, as some tools re-save it
+    r = run_cli("convert", pth, tmp_path / "hf", "--to", "llava-hf", "--llm", llm, "--visual-encoder", clip,
+                "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "source:  " in r.stdout and "[xtuner: single file]" in r.stdout and "dry run: nothing written" in r.stdout
+    r = run_cli("convert", pth, tmp_path / "hf", "--to", "llava-hf", "--llm", llm, "--visual-encoder", clip, "-q")
+    assert r.returncode == 0 and (tmp_path / "hf" / "config.json").is_file()
+    r = run_cli("convert", pth, tmp_path / "hf2", "--to", "llava-hf", "--llm", llm)
+    assert r.returncode == 1
+    assert r.stderr == (f"weightport: error: {pth}: an xtuner training checkpoint holds no configs; pass "
+                        "--visual-encoder with the base checkpoints named in the training config (llm_name_or_path, "
+                        "visual_encoder_name_or_path)\n")
+    r = run_cli("convert", llm, tmp_path / "x", "--to", "hf", "--llm", llm)
+    assert r.returncode == 1
+    assert r.stderr == ("weightport: error: --llm: only for LLaVA checkpoints that lack a part (xtuner, xtuner-llava, "
+                        "llava), not format hf\n")

@@ -30,7 +30,8 @@ def open_checkpoint(path: str | Path, fmt: str | None = None, layout: str | None
         return adapter.open(path, layout)
     if not getattr(adapter, "takes_bases", False):
         flags = ", ".join(f"--{k.replace('_', '-')}" for k in bases)
-        raise WeightportError(f"{flags}: only for partial xtuner checkpoints, not format {adapter.name}")
+        raise WeightportError(f"{flags}: only for LLaVA checkpoints that lack a part (xtuner, xtuner-llava, llava), "
+                              f"not format {adapter.name}")
     for k, v in bases.items():
         if not v.is_dir():
             raise WeightportError(f"{v}: no such directory (--{k.replace('_', '-')})")
