@@ -134,6 +134,10 @@ class LlavaOfficialFormat(Format):
             raise WeightportError(f"vision_feature_layer {layer}: the official LLaVA selects one layer")
         return []
 
+    def write_notes(self, model: Model, options: WriteOptions) -> list[str]:
+        return [f"vision tower written to {VISION_DIR}/, which mm_vision_tower names by its absolute path (LLaVA "
+                "takes a path or a Hub id): edit it if the directory moves"]
+
     def target_rules(self, model: Model, layout: str | None = None, tp: int = 1) -> list[Rule]:
         rules = [Rule(TEXT + h, h) for h in _llama_names(model)]
         rules += [Rule(r.hub, f"{VISION_DIR}/{r.fmt[0]}") for r in llava_parts.vision_rules(model, "vision_model.")]
