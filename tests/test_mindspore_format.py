@@ -163,7 +163,7 @@ def test_training_checkpoint_state_is_dropped_and_yaml_alone_suffices(tmp_path):
 def test_what_mindformers_llama_cannot_hold_is_refused(tmp_path):
     for model, message in (
         ("llama-bias", "MindFormers' Llama has no o_proj / MLP biases (attention_bias / mlp_bias)"),
-        ("gemma", "format mindspore does not support gemma"),
+        ("gemma", "format mindspore does not support gemma (formats that do: hf, litgpt)"),
     ):
         hf_dir = build_hf(model, tmp_path / model)
         proc = run_cli("convert", hf_dir, tmp_path / f"{model}-ms", "--to", "mindspore")
