@@ -7,6 +7,7 @@ LLAVA_VENV ?= .venv-llava
 DEEPSPEED_VENV ?= .venv-deepspeed
 TORCH ?= torch==2.13.0
 TRANSFORMERS ?= transformers==5.23.0
+PEFT ?= peft==0.21.2
 LITGPT ?= litgpt==0.5.13
 MINDSPORE ?= mindspore==2.10.0
 MINDFORMERS ?= mindformers==2.0.0
@@ -24,7 +25,7 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install $(PIP_FLAGS) $(TORCH)
-	$(VENV)/bin/pip install $(PIP_FLAGS) -e ".[test]" $(TRANSFORMERS)
+	$(VENV)/bin/pip install $(PIP_FLAGS) -e ".[test]" $(TRANSFORMERS) $(PEFT)
 	touch $@
 
 # LitGPT 0.5.x needs huggingface_hub<1.4 and transformers 5 needs newer: LitGPT gets its own

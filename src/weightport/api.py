@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from . import bridges, formats
+from . import bridges, formats, lora
 from .archs import ARCHS
 from .dtypes import parse_dtype, parse_size, short_name
 from .errors import WeightportError
@@ -77,7 +77,8 @@ def plan_conversion(src: str | Path, out: str | Path, to: str, *, source_format:
                     container: str | None = None, tp: int = 1, pp: int = 1,
                     allow_approximate: bool = False, nanotron_version: str | None = None,
                     llm: str | Path | None = None, visual_encoder: str | Path | None = None,
-                    to_arch: str | None = None) -> Plan:
+                    to_arch: str | None = None, merge_lora: str | Path | None = None,
+                    lora_scale: float = 1.0) -> Plan:
     target = formats.get(to)
     check_parallel(target, tp, pp)
     if nanotron_version is not None and target.name != "nanotron":
@@ -88,6 +89,10 @@ def plan_conversion(src: str | Path, out: str | Path, to: str, *, source_format:
         if isinstance(dtype, str):
             dtype = parse_dtype(dtype)
         size = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+        if merge_lora is not None:  # on the source's own architecture, before any change of it
+            ckpt = lora.merge(ckpt, merge_lora, lora_scale)
+        elif lora_scale != 1.0:
+            raise WeightportError("--lora-scale applies with --merge-lora")
         if to_arch is not None:
             ckpt = bridges.to_arch(ckpt, to_arch, allow_approximate)
         check_supports(target, ckpt.model)
@@ -107,7 +112,8 @@ def convert(src: str | Path, out: str | Path, to: str, *, source_format: str | N
             layout: str | None = None, source_layout: str | None = None, container: str | None = None,
             tp: int = 1, pp: int = 1, allow_approximate: bool = False,
             nanotron_version: str | None = None, llm: str | Path | None = None,
-            visual_encoder: str | Path | None = None, to_arch: str | None = None) -> Plan:
+            visual_encoder: str | Path | None = None, to_arch: str | None = None,
+            merge_lora: str | Path | None = None, lora_scale: float = 1.0) -> Plan:
     """Convert the checkpoint at `src` into format `to` at `out`; returns the executed plan."""
     src, out = Path(src), Path(out)
     if not src.exists():
@@ -116,7 +122,8 @@ def convert(src: str | Path, out: str | Path, to: str, *, source_format: str | N
     plan = plan_conversion(src, out, to, source_format=source_format, dtype=dtype, max_shard_size=max_shard_size,
                            layout=layout, source_layout=source_layout, container=container,
                            tp=tp, pp=pp, allow_approximate=allow_approximate, nanotron_version=nanotron_version,
-                           llm=llm, visual_encoder=visual_encoder, to_arch=to_arch)
+                           llm=llm, visual_encoder=visual_encoder, to_arch=to_arch, merge_lora=merge_lora,
+                           lora_scale=lora_scale)
     try:
         if not dry_run:
             execute(plan, force=force, allow_overflow=allow_overflow, progress=progress)

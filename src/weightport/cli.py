@@ -82,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
                         "model) into a Llama computing the same function, as the official LLaVA codebase needs "
                         "(qkv_proj and gate_up_proj split). A sliding window or long-rope scaling, which Llama "
                         "lacks, needs --allow-approximate")
+    c.add_argument("--merge-lora", metavar="ADAPTER",
+                   help="merge a LoRA adapter into SRC while converting: a PEFT adapter directory "
+                        "(adapter_config.json + adapter_model.safetensors/.bin; rank_pattern, alpha_pattern, "
+                        "use_rslora, fan_in_fan_out, modules_to_save and added tokens honoured). Each adapted weight "
+                        "becomes W + scale * (B @ A), computed in float32 one tensor at a time")
+    c.add_argument("--lora-scale", type=float, default=1.0, metavar="S",
+                   help="multiply the adapter's own scale (lora_alpha / r) by S (default: 1.0)")
     c.add_argument("--llm", metavar="DIR",
                    help="xtuner checkpoints that lack the language model (training froze it): the Hugging Face "
                         "checkpoint it was trained from; the plan says which part came from where")
@@ -210,7 +217,7 @@ def _convert(args) -> int:
                        layout=args.layout, source_layout=args.source_layout, container=args.container,
                        tp=args.tp, pp=args.pp, allow_approximate=args.allow_approximate,
                        nanotron_version=args.nanotron_version, llm=args.llm, visual_encoder=args.visual_encoder,
-                       to_arch=args.to_arch)
+                       to_arch=args.to_arch, merge_lora=args.merge_lora, lora_scale=args.lora_scale)
     if args.quiet:
         for warning in plan.warnings:
             print(f"weightport: warning: {warning}", file=sys.stderr)

@@ -354,6 +354,47 @@ class PadRows(Op):
 
 
 @dataclass(frozen=True)
+class MergeLora(Op):
+    """Reading only: the stored weight (through `inner`, the format's own op for it) plus
+    scale * (B @ A) of a LoRA adapter, computed in float32 and cast back to the weight's dtype.
+    `embedding`: PEFT's embedding LoRA, whose delta is (B @ A) transposed; `fan_in_fan_out`: the
+    weight is stored [in, out] (GPT-2's Conv1D), so the delta is too. A merge has no inverse, so
+    writing (forward) refuses."""
+
+    scale: float
+    inner: Op
+    n_inner: int = 1
+    transpose: bool = False
+
+    def forward(self, xs):
+        raise NotImplementedError("a merged LoRA cannot be split off again")
+
+    def inverse(self, ys):
+        (w,) = self.inner.inverse(ys[: self.n_inner])
+        a, b = ys[self.n_inner:]
+        delta = b.float() @ a.float()
+        if self.transpose:
+            delta = delta.T
+        return [(w.float() + delta * self.scale).to(w.dtype)]
+
+    def forward_shapes(self, shapes):
+        raise ValueError("a merged LoRA cannot be written back as one")
+
+    def inverse_shapes(self, shapes):
+        (w,) = self.inner.inverse_shapes(shapes[: self.n_inner])
+        a, b = shapes[self.n_inner:]
+        delta = (b[0], a[1]) if not self.transpose else (a[1], b[0])
+        if a[0] != b[1]:
+            raise ValueError(f"LoRA A has rank {a[0]} and B rank {b[1]}")
+        if tuple(w) != delta:
+            raise ValueError(f"LoRA B @ A is {list(delta)}, the weight {list(w)}")
+        return [w]
+
+    def __str__(self):
+        return f"merge_lora(scale={self.scale:g})" + ("" if isinstance(self.inner, Identity) else f" after {self.inner}")
+
+
+@dataclass(frozen=True)
 class Cast(Op):
     """A dtype change that a format requires (exact only when widening)."""
 
