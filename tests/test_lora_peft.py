@@ -121,3 +121,26 @@ def test_bad_adapters_are_refused_with_nothing_written(base, tmp_path, case, mes
         weightport.convert(src, tmp_path / "out", "hf", merge_lora=adapter)
     assert str(e.value) == message.format(adapter=adapter)
     assert not (tmp_path / "out").exists()
+
+
+def test_adapter_with_added_tokens_resizes_the_vocabulary(base, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model.resize_token_embeddings(131, mean_resizing=False)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                             modules_to_save=["embed_tokens", "lm_head"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.copy_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "adapter")
+    plan = weightport.convert(base, tmp_path / "merged", "hf", merge_lora=tmp_path / "adapter")
+    assert "vocab 131" in plan.render()
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["vocab_size"] == 131
+    ref = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    ref.resize_token_embeddings(131, mean_resizing=False)
+    theirs = PeftModel.from_pretrained(ref, tmp_path / "adapter").merge_and_unload().state_dict()
+    ours = load_file(tmp_path / "merged" / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

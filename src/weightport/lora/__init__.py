@@ -96,5 +96,6 @@ def _merge(ckpt: Checkpoint, adapter: Adapter, lora_scale: float) -> Checkpoint:
     notes.append(f"LoRA from {where}: {len(adapter.deltas)} weights merged (W + scale * B @ A in float32)"
                  + (f", {len(adapter.replaced)} replaced by the adapter's own" if adapter.replaced else "")
                  + (f", scale x{lora_scale:g}" if lora_scale != 1.0 else ""))
+    dropped = dict(ckpt.dropped, **{LORA + n: why for n, why in adapter.unused.items()})
     return replace(ckpt, model=model, source=source, rules=kept + list(rules.values()),
-                   notes=ckpt.notes + notes)
+                   notes=ckpt.notes + notes, dropped=dropped)

@@ -48,6 +48,8 @@ class Adapter:
     deltas: list[Delta]
     # hub tensor name -> the adapter's full tensor that replaces it
     replaced: dict[str, str] = field(default_factory=dict)
+    # adapter tensors a merge does not use, with why
+    unused: dict[str, str] = field(default_factory=dict)
 
 
 def is_peft_adapter(path: Path) -> bool:
@@ -79,11 +81,13 @@ def read_peft(path: Path) -> Adapter:
         raise
 
 
-def _parse(cfg: dict, cfg_path: Path, weights: Path, source: TensorSource) -> tuple[list[Delta], dict[str, str]]:
+def _parse(cfg: dict, cfg_path: Path, weights: Path,
+           source: TensorSource) -> tuple[list[Delta], dict[str, str], dict[str, str]]:
     r, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
     fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
     pairs: dict[tuple[str, bool], dict[str, str]] = {}
     replaced: dict[str, str] = {}
+    unused: dict[str, str] = {}
     for name in source.tensors:
         bad = next((why for k, why in UNSUPPORTED.items() if f".{k}" in name), None)
         if bad:
@@ -93,9 +97,19 @@ def _parse(cfg: dict, cfg_path: Path, weights: Path, source: TensorSource) -> tu
         if m:
             pairs.setdefault((m["module"], m.re is _EMBEDDING), {})[m["ab"]] = name
             continue
-        # a full tensor the adapter trained or saved: modules_to_save, a bias, an embedding with added tokens
-        own = own.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
-        replaced[own] = name
+        # a full tensor the adapter trained or saved: modules_to_save, a bias, an embedding with added
+        # tokens. PEFT may save a module three ways; the trained copy wins, the original is not used.
+        if ".original_module." in own:
+            unused[name] = "PEFT's copy of the module before training"
+            continue
+        trained = ".modules_to_save." in own
+        own = re.sub(r"\.modules_to_save(\.default)?\.|\.base_layer\.", ".", own)
+        if trained and own in replaced:
+            unused[replaced[own]] = "superseded by the adapter's trained modules_to_save copy"
+        if trained or own not in replaced:
+            replaced[own] = name
+        else:
+            unused[name] = "superseded by the adapter's trained modules_to_save copy"
     deltas = []
     for (module, embedding), ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
@@ -112,4 +126,4 @@ def _parse(cfg: dict, cfg_path: Path, weights: Path, source: TensorSource) -> tu
         deltas.append(Delta(module, ab["A"], ab["B"], scale, transpose=embedding or fan_in_fan_out))
     if not deltas and not replaced:
         raise WeightportError(f"{weights}: holds no LoRA tensors")
-    return deltas, replaced
+    return deltas, replaced, unused
