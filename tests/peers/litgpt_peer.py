@@ -19,6 +19,13 @@ convert-hf
     NOTE: the copy function is chosen by litgpt from the *name* (see the dispatch in
     convert_hf_checkpoint), so the name in the yaml matters.
 
+make-lora BASE_LIT_DIR OUT_DIR R ALPHA ENABLED SEED
+    A LoRA checkpoint as ``litgpt finetune_lora`` leaves it, from LitGPT's own LoRA GPT, with random
+    lora_A/lora_B (ENABLED: comma list of query,key,value,projection,mlp,head).
+
+merge-lora LORA_DIR
+    Runs litgpt's own ``merge_lora`` (``litgpt merge_lora``): writes LORA_DIR/lit_model.pth.
+
 convert-lit
     Runs litgpt's own ``convert_lit_checkpoint(LIT_DIR, OUT_DIR)``: writes OUT_DIR/model.pth
     (a torch pickle of a flat HF-named state dict; no config.json, no safetensors).
@@ -100,6 +107,44 @@ def cmd_convert_lit(lit_dir: Path, out_dir: Path) -> None:
     convert_lit_checkpoint(lit_dir, out_dir)
 
 
+LORA_FLAGS = ("lora_query", "lora_key", "lora_value", "lora_projection", "lora_mlp", "lora_head")
+
+
+def cmd_make_lora(base_dir: Path, out_dir: Path, r: int, alpha: int, enabled: str, seed: int) -> None:
+    """A LoRA checkpoint as `litgpt finetune_lora` leaves it (lit_model.pth.lora holding only the
+    lora_ params under "model", hyperparameters.yaml, model_config.yaml), built with LitGPT's own
+    LoRA GPT on the base at base_dir, its lora_A/lora_B drawn at random (B is zero when fresh)."""
+    import shutil
+
+    import torch
+    from litgpt.lora import GPT, Config, lora_filter
+
+    flags = {k: k.removeprefix("lora_") in enabled.split(",") for k in LORA_FLAGS}
+    config = Config.from_file(base_dir / "model_config.yaml", lora_r=r, lora_alpha=alpha, **flags)
+    model = GPT(config)
+    model.load_state_dict(torch.load(base_dir / "lit_model.pth", weights_only=True), strict=False)
+    g = torch.Generator().manual_seed(seed)
+    lora = {}
+    for name, p in model.named_parameters():
+        if lora_filter(name, p):
+            lora[name] = 0.1 * torch.randn(p.shape, generator=g)
+    out_dir.mkdir(parents=True)
+    torch.save({"model": lora}, out_dir / "lit_model.pth.lora")
+    for f in ["model_config.yaml", *(p.name for p in base_dir.glob("tokenizer*"))]:
+        shutil.copy(base_dir / f, out_dir / f)
+    hparams = {"checkpoint_dir": str(base_dir), "precision": "32-true", "lora_r": r, "lora_alpha": alpha,
+               "lora_dropout": 0.0, **flags}
+    with open(out_dir / "hyperparameters.yaml", "w", encoding="utf-8") as f:
+        yaml.safe_dump(hparams, f)
+
+
+def cmd_merge_lora(lora_dir: Path) -> None:
+    """LitGPT's own `merge_lora`: writes lora_dir/lit_model.pth."""
+    from litgpt.scripts.merge_lora import merge_lora
+
+    merge_lora(lora_dir)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -110,12 +155,25 @@ def main(argv=None) -> int:
     p = sub.add_parser("convert-lit")
     p.add_argument("lit_dir", type=Path)
     p.add_argument("out_dir", type=Path)
+    p = sub.add_parser("make-lora")
+    p.add_argument("base_dir", type=Path)
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("r", type=int)
+    p.add_argument("alpha", type=int)
+    p.add_argument("enabled", help="comma list of query,key,value,projection,mlp,head")
+    p.add_argument("seed", type=int)
+    p = sub.add_parser("merge-lora")
+    p.add_argument("lora_dir", type=Path)
     args = parser.parse_args(argv)
 
     if args.cmd == "convert-hf":
         cmd_convert_hf(args.hf_dir, args.out_dir, args.model_config_yaml)
     elif args.cmd == "convert-lit":
         cmd_convert_lit(args.lit_dir, args.out_dir)
+    elif args.cmd == "make-lora":
+        cmd_make_lora(args.base_dir, args.out_dir, args.r, args.alpha, args.enabled, args.seed)
+    elif args.cmd == "merge-lora":
+        cmd_merge_lora(args.lora_dir)
     return 0
 
 

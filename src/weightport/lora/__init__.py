@@ -12,27 +12,33 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from ..archs import model_from_hf_config
+from ..archs import Model, model_from_hf_config
 from ..errors import WeightportError
 from ..formats.base import Checkpoint
 from ..io.parts import PartsSource
 from ..ops import Identity, MergeLora
 from ..rules import Rule
+from .litgpt import is_litgpt_lora, read_litgpt
 from .peft import Adapter, is_peft_adapter, read_peft
 
 LORA = "lora/"
 
 
-def read_adapter(path: Path) -> Adapter:
+def read_adapter(path: Path, base: Model) -> Adapter:
+    if not path.exists():
+        raise WeightportError(f"{path}: no such file or directory (--merge-lora)")
     if is_peft_adapter(path):
         return read_peft(path)
-    raise WeightportError(f"{path}: not a LoRA adapter weightport reads (a PEFT directory with adapter_config.json)")
+    if is_litgpt_lora(path):
+        return read_litgpt(path, base)
+    raise WeightportError(f"{path}: not a LoRA adapter weightport reads (a PEFT directory with adapter_config.json, "
+                          "or LitGPT's lit_model.pth.lora with hyperparameters.yaml)")
 
 
 def merge(ckpt: Checkpoint, adapter_path: str | Path, lora_scale: float = 1.0) -> Checkpoint:
     """`ckpt` with the adapter at `adapter_path` merged into it, scaled by `lora_scale` on top of the
     adapter's own alpha / r."""
-    adapter = read_adapter(Path(adapter_path))
+    adapter = read_adapter(Path(adapter_path), ckpt.model)
     try:
         return _merge(ckpt, adapter, lora_scale)
     except BaseException:
