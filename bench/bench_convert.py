@@ -630,7 +630,7 @@ def run_benchmark(args) -> None:
         f"{facts['disk_free_gib']:.1f} GiB free")
     out.mkdir(parents=True)
     results: dict = {"scale": args.scale, "repeat": args.repeat, "model_bytes": mbytes, "facts": facts, "hf2lit": {},
-                     "lit2hf": {}, "ms": {}, "nt": {}, "verify": {}, "notes": []}
+                     "lit2hf": {}, "ms": {}, "nt": {}, "lora": {}, "verify": {}, "notes": []}
     try:
         # 1. The source checkpoint (reused if a previous --keep run left a complete one).
         if have_hf:
@@ -746,6 +746,12 @@ def run_benchmark(args) -> None:
             if lit_dir is not None:
                 rm(lit_dir)
             run_nanotron(runner, args, results, hf_dir, out, wp, prime_wp, mbytes)
+
+        # 6. HF + a rank-64 PEFT LoRA adapter -> merged HF (weightport; PEFT's own merge_and_unload)
+        if not args.skip_lora and not args.skip_weightport:
+            if lit_dir is not None:
+                rm(lit_dir)
+            run_lora(runner, args, results, hf_dir, out, wp, prime_wp, mbytes)
     finally:
         results["facts"]["disk_free_gib_end"] = shutil.disk_usage(workdir).free / GIB
         results["facts"]["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
@@ -845,6 +851,72 @@ def run_nanotron(runner: Runner, args, results: dict, hf_dir: Path, out: Path, w
             runner, wp, prime_wp, "nt2hf", hf_dir, back, ("hf", "hf"))
     rm(back)
     rm(nt_wp)
+
+
+LORA_RANK, LORA_ALPHA = 64, 128
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def run_lora(runner: Runner, args, results: dict, hf_dir: Path, out: Path, wp: list[str],
+             prime_wp: list[list[str]], mbytes: int) -> None:
+    """weightport merging a rank-64 PEFT adapter on every linear layer while converting HF -> HF,
+    against `cp -r` of the base, and PEFT's own merge_and_unload (transformers loads the whole model)."""
+    r = results["lora"]
+    adapter = out / "lora-adapter"
+    runner.helper("lora adapter", [args.torch_python, str(THIS), "_lora_adapter", args.scale, str(adapter)])
+    r["adapter_bytes"] = dir_bytes(adapter)
+    merged = out / "hf-merged-weightport"
+    runner.need_space(mbytes, "weightport's merged output")
+    r["weightport"] = runner.measure("lora weightport", wp + ["convert", str(hf_dir), str(merged), "--to", "hf",
+                                                             "--merge-lora", str(adapter)],
+                                     [hf_dir, adapter], prime_wp, merged)
+    rm(merged)
+    if not args.skip_peft:
+        theirs = out / "hf-merged-peft"
+        runner.need_space(mbytes, "PEFT's merged output")
+        r["peft"] = runner.measure("lora peft", [args.torch_python, str(THIS), "_peft_merge", str(hf_dir), str(adapter),
+                                                 str(theirs)], [hf_dir, adapter],
+                                   [[args.torch_python, "-c", "import peft, transformers"]], theirs,
+                                   limit_kib=MEMORY_GUARD_KIB)
+        rm(theirs)
+    rm(adapter)
+
+
+def _lora_adapter(scale: str, out_dir: Path) -> None:
+    """A PEFT adapter (adapter_config.json + adapter_model.safetensors, bf16) of rank LORA_RANK on
+    every linear layer of the benchmark model, A and B both ~ N(0, 0.02)."""
+    import torch
+    from safetensors.torch import save_file
+
+    s = SCALES[scale]
+    H, I, kv = s["hidden"], s["intermediate"], s["hidden"] // s["heads"] * s["kv_heads"]
+    shapes = {"q_proj": (H, H), "k_proj": (kv, H), "v_proj": (kv, H), "o_proj": (H, H),
+              "gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+    g = torch.Generator().manual_seed(SEED)
+    tensors = {}
+    for layer in range(s["layers"]):
+        for proj in LORA_TARGETS:
+            out_f, in_f = shapes[proj]
+            mod = f"base_model.model.model.layers.{layer}.{'self_attn' if proj[0] in 'qkvo' else 'mlp'}.{proj}"
+            tensors[f"{mod}.lora_A.weight"] = (0.02 * torch.randn(LORA_RANK, in_f, generator=g)).bfloat16()
+            tensors[f"{mod}.lora_B.weight"] = (0.02 * torch.randn(out_f, LORA_RANK, generator=g)).bfloat16()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
+    (out_dir / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": LORA_RANK, "lora_alpha": LORA_ALPHA, "target_modules": list(LORA_TARGETS),
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+        "task_type": "CAUSAL_LM", "base_model_name_or_path": None}, indent=2))
+
+
+def _peft_merge(base: Path, adapter: Path, out_dir: Path) -> None:
+    """PEFT's own way: load the base with transformers, apply the adapter, merge_and_unload, save."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    merged.save_pretrained(out_dir)
 
 
 # --------------------------------------------------------------------------------------------
@@ -977,6 +1049,23 @@ def render_report(res: dict, args) -> str:
                  "builds the model on GPU under `torchrun` and needs CUDA and flash-attn, so it cannot run on this "
                  "CPU-only machine and has no number.\n")
 
+    lora = res.get("lora") or {}
+    if lora:
+        L.append(f"## HF + rank-{LORA_RANK} LoRA → merged HF\n")
+        hf_cp = res["hf2lit"].get("cp")
+        L += _table([("`cp -r` of the HF directory (from the first section)", hf_cp, hf_cp),
+                     ("weightport `convert --to hf --merge-lora`", lora.get("weightport"), hf_cp),
+                     ("PEFT `merge_and_unload` (transformers loads the model)", lora.get("peft"), hf_cp)])
+        L.append("")
+        m = lora.get("weightport")
+        if m and m["rc"] == 0:
+            peak = m["maxrss_kib"] / 2**20
+            L.append(f"- weightport merge peak RSS ≤ 2 GiB: {peak:.2f} GiB — {'met' if peak <= 2 else '**missed**'}")
+        L.append(f"\nAdapter: PEFT, rank {LORA_RANK}, alpha {LORA_ALPHA}, on {', '.join(LORA_TARGETS)} of every layer, "
+                 f"bf16, {human(lora.get('adapter_bytes', 0))}; generated, not timed. weightport merges each weight in "
+                 "float32 and writes bf16; PEFT adds a bf16 delta to the bf16 weight, so the two can differ in the last "
+                 "bf16 bit (the tests compare them exactly in float32).\n")
+
     L.append("## Targets\n")
     L.append("| target | HF → LitGPT | LitGPT → HF |\n|---|---|---|")
     spec = [
@@ -1020,7 +1109,7 @@ def render_report(res: dict, args) -> str:
 def _load_summary(res: dict) -> str:
     """Range of the 1-min load average at the end of the measured commands (other work on the
     machine slows the tools down; more than the core count means they waited for a CPU)."""
-    loads = [m["load1_end"] for sec in ("hf2lit", "lit2hf", "ms", "nt", "verify")
+    loads = [m["load1_end"] for sec in ("hf2lit", "lit2hf", "ms", "nt", "lora", "verify")
              for m in (res.get(sec) or {}).values() if isinstance(m, dict) and "load1_end" in m]
     return f"{min(loads):.2f}–{max(loads):.2f} ({os.cpu_count()} cores)" if loads else "?"
 
@@ -1093,6 +1182,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "_generate":
         _generate(argv[1], Path(argv[2]))
         return 0
+    if argv and argv[0] == "_lora_adapter":
+        _lora_adapter(argv[1], Path(argv[2]))
+        return 0
+    if argv and argv[0] == "_peft_merge":
+        _peft_merge(Path(argv[1]), Path(argv[2]), Path(argv[3]))
+        return 0
     if argv and argv[0] == "_litgpt_hf2lit":
         _litgpt_hf2lit(Path(argv[1]), argv[2])
         return 0
@@ -1116,6 +1211,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-mindformers", action="store_true", help="do not run MindFormers' own converter")
     p.add_argument("--skip-nanotron", action="store_true",
                    help="do not run the HF -> Nanotron (TP=2) -> HF section")
+    p.add_argument("--skip-lora", action="store_true", help="do not run the LoRA merge section")
+    p.add_argument("--skip-peft", action="store_true", help="do not run PEFT's own merge (it loads the whole model)")
     p.add_argument("--skip-weightport", action="store_true", help="do not run weightport")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the (untimed) bit-exactness checks of the outputs")
