@@ -188,3 +188,31 @@ def test_official_refuses_a_phi3_text_model_without_to_arch(tmp_path):
                             "this one is phi3: add --to-arch llama")
     weightport.convert(src, tmp_path / "out", "llava", to_arch="llama")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "llava_llama"
+
+
+def test_xtuner_lora_adapters_are_merged(parts, tmp_path):
+    """pth_to_hf's xtuner layout after LoRA training: llm_adapter/ and visual_encoder_adapter/ beside
+    the projector, the bases given with --llm / --visual-encoder; the result computes what peft's
+    merged LLM and ViT compute."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, CLIPVisionModel
+
+    llm, clip, proj = parts
+    src = build_xtuner_dir(tmp_path / "x", None, None, proj)
+    merged = {}
+    for name, base, cls, targets in (("llm", llm, AutoModelForCausalLM, ["q_proj", "down_proj"]),
+                                     ("clip", clip, CLIPVisionModel, ["q_proj", "fc1"])):
+        model = get_peft_model(cls.from_pretrained(base, dtype=torch.float32),
+                               LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.copy_(0.1 * torch.randn_like(p))
+        model.save_pretrained(src / ("llm_adapter" if name == "llm" else "visual_encoder_adapter"))
+        model.merge_and_unload().save_pretrained(tmp_path / f"merged-{name}")
+        merged[name] = tmp_path / f"merged-{name}"
+    (merged["llm"] / "tokenizer.json").write_bytes((llm / "tokenizer.json").read_bytes())
+    plan = weightport.convert(src, tmp_path / "hf", "llava-hf", llm=llm, visual_encoder=clip)
+    assert plan.render().count("note:    LoRA from") == 2
+    want = reference_logits(merged["llm"], merged["clip"], proj, image_id=120)
+    assert (llava_hf_logits(tmp_path / "hf")[..., :VOCAB] - want).abs().max() < 1e-5

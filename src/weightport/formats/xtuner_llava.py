@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .. import lora
 from ..archs import Model
 from ..archs.llava import TEXT, projector_bias, vision_sizes
 from ..dtypes import short_name
@@ -29,6 +30,7 @@ from .base import (Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOp
 from .hf import FORMAT as HF, ShardedSafetensorsWriter, _weight_files
 
 PROJECTOR_DIR, VISION_DIR = "projector", "visual_encoder"
+LLM_ADAPTER, VISION_ADAPTER = "llm_adapter", "visual_encoder_adapter"
 
 
 def _open_llm(path: Path) -> Checkpoint:
@@ -81,18 +83,23 @@ class XtunerLlavaFormat(Format):
         llm = self._part(path, path, "llm", bases, (path / "config.json").is_file(), notes, "language model")
         vision = self._part(path, path / VISION_DIR, "visual_encoder", bases, (path / VISION_DIR / "config.json").is_file(),
                             notes, "vision encoder")
-        for adapter in ("llm_adapter", "visual_encoder_adapter"):
-            if (path / adapter).is_dir():
-                raise WeightportError(f"{path / adapter}: an unmerged LoRA adapter; merge it into the base model "
-                                      "first (weightport cannot merge LoRA yet)")
         files, _, _ = _weight_files(projector)
         model, source, rules, text = _open_parts(path, llm, vision, files, bias)
         side = [p for p in find_side_files(llm) if p.suffix != ".py"]
         if (vision / IMAGE_PROCESSOR).is_file():
             side.append(vision / IMAGE_PROCESSOR)
-        return Checkpoint(path=path, format=self, variant=f"LLM {text.model.arch.name}, CLIP vision, projector",
+        ckpt = Checkpoint(path=path, format=self, variant=f"LLM {text.model.arch.name}, CLIP vision, projector",
                           model=model, source=source, rules=rules, side_files=side, notes=notes,
                           generation_config=text.generation_config, dropped={f"llm/{k}": v for k, v in text.dropped.items()})
+        # pth_to_hf saves LoRA-trained parts as unmerged PEFT adapters beside their (frozen) bases
+        for adapter, prefix in ((LLM_ADAPTER, TEXT), (VISION_ADAPTER, _vision_hub_name)):
+            if (path / adapter).is_dir():
+                try:
+                    ckpt = lora.merge(ckpt, path / adapter, prefix=prefix)
+                except BaseException:
+                    ckpt.close()
+                    raise
+        return ckpt
 
     @staticmethod
     def _part(path: Path, own: Path, flag: str, bases: dict, present: bool, notes: list, what: str) -> Path:
@@ -148,6 +155,12 @@ class XtunerLlavaFormat(Format):
             (directory / PROJECTOR_DIR / name).write_text(code)
             written.append(f"{PROJECTOR_DIR}/{name}")
         return written + [f"{PROJECTOR_DIR}/config.json"]
+
+
+def _vision_hub_name(name: str) -> str:
+    """A CLIPVisionModel adapter's name on the hub: transformers 4.x modules sit under vision_model.,
+    5.x ones do not."""
+    return "vision_tower." + (name if name.startswith("vision_model.") else f"vision_model.{name}")
 
 
 def projector_config(model: Model, dtype: torch.dtype) -> dict:

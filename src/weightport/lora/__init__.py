@@ -10,6 +10,7 @@ conversion, and peak memory stays one weight plus its two small LoRA matrices.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Callable
 from pathlib import Path
 
 from ..archs import Model, model_from_hf_config
@@ -35,25 +36,32 @@ def read_adapter(path: Path, base: Model) -> Adapter:
                           "or LitGPT's lit_model.pth.lora with hyperparameters.yaml)")
 
 
-def merge(ckpt: Checkpoint, adapter_path: str | Path, lora_scale: float = 1.0) -> Checkpoint:
+def merge(ckpt: Checkpoint, adapter_path: str | Path, lora_scale: float = 1.0,
+          prefix: str | Callable[[str], str] = "") -> Checkpoint:
     """`ckpt` with the adapter at `adapter_path` merged into it, scaled by `lora_scale` on top of the
-    adapter's own alpha / r."""
+    adapter's own alpha / r. `prefix`: where the adapted model sits among the hub names (an xtuner
+    LLaVA's LLM adapter adapts `language_model.`), or a function giving it per module name."""
     adapter = read_adapter(Path(adapter_path), ckpt.model)
     try:
-        return _merge(ckpt, adapter, lora_scale)
+        return _merge(ckpt, adapter, lora_scale, prefix)
     except BaseException:
         adapter.source.close()
         raise
 
 
-def _merge(ckpt: Checkpoint, adapter: Adapter, lora_scale: float) -> Checkpoint:
+def _merge(ckpt: Checkpoint, adapter: Adapter, lora_scale: float, prefix: str | Callable[[str], str] = "") -> Checkpoint:
+    place = prefix if callable(prefix) else (lambda module: prefix + module)
     model = ckpt.model
     where = adapter.path
     hub = model.hub_tensors()
     shapes = adapter.source.tensors
     # an adapter that resized the vocabulary (added tokens) brings the new embedding / lm_head
+    replaced = {place(h): s for h, s in adapter.replaced.items()}
     vocab = {shapes[s].shape[0] for h, s in adapter.replaced.items()
              if h in ("model.embed_tokens.weight", "lm_head.weight")}
+    if vocab and place("") != "":
+        raise WeightportError(f"{where}: the adapter resizes the vocabulary of a part of {model.arch.name}; "
+                              "merge it into the language model alone first")
     if vocab and vocab != {model.dims.vocab}:
         if len(vocab) > 1 or (not model.dims.tied and not {"model.embed_tokens.weight", "lm_head.weight"}
                               <= adapter.replaced.keys()):
@@ -63,14 +71,14 @@ def _merge(ckpt: Checkpoint, adapter: Adapter, lora_scale: float) -> Checkpoint:
         hub = model.hub_tensors()
     by_hub = {h: r for r in ckpt.rules for h in r.hub}
     rules: dict[str, Rule] = {}
-    for h, stored in adapter.replaced.items():
+    for h, stored in replaced.items():
         if h not in hub:
             raise WeightportError(f"{where}: the adapter carries {stored}, but the base model has no {h} "
                                   "(an adapter for another base model?)")
         rules[h] = Rule(h, LORA + stored)
     notes = []
     for d in adapter.deltas:
-        h = f"{d.module}.weight"
+        h = place(f"{d.module}.weight")
         if h not in hub:
             raise WeightportError(f"{where}: the adapter targets {d.module}, which the base model does not have "
                                   "(an adapter for another base model?)")
