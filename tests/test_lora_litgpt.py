@@ -64,3 +64,27 @@ def test_hyperparameters_that_do_not_describe_the_weights_are_refused(base, litg
     assert str(e.value) == (f"{lora / 'lit_model.pth.lora'}: transformer.h.0.attn.qkv LoRA is A [8, 64] / B [96, 4], "
                             "which does not match lora_r 4 on query, key, value (hyperparameters.yaml)")
     assert not (tmp_path / "out").exists()
+
+
+def test_litgpt_lora_as_a_peft_adapter(base, litgpt_peer, tmp_path):
+    """--to peft: the LitGPT adapter as a PEFT one; peft's own merge of it equals LitGPT's merge."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from conftest import run_cli
+
+    hf, lit = base
+    lora = make_lora(litgpt_peer, lit, tmp_path / "lora", "query,key,value,projection,mlp", seed=5)
+    r = run_cli("convert", lora, tmp_path / "peft", "--to", "peft")
+    assert r.returncode == 0, r.stderr
+    cfg = __import__("json").loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"]) == (4, 8)
+    assert cfg["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32), tmp_path / "peft")
+    peft_merged = model.merge_and_unload().state_dict()
+    litgpt_peer("merge-lora", lora)
+    weightport.convert(lora, tmp_path / "theirs-hf", "hf")
+    theirs = load_file(tmp_path / "theirs-hf" / "model.safetensors")
+    assert all(torch.equal(peft_merged[k], theirs[k]) for k in theirs)
+    r = run_cli("convert", hf, tmp_path / "x", "--to", "peft")
+    assert r.returncode == 1 and "--to peft takes a LitGPT LoRA checkpoint" in r.stderr

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 
 from . import bridges, formats, lora
+from .lora import export
+from .lora import litgpt as lora_litgpt
 from .archs import ARCHS
 from .dtypes import parse_dtype, parse_size, short_name
 from .errors import WeightportError
@@ -119,6 +121,8 @@ def convert(src: str | Path, out: str | Path, to: str, *, source_format: str | N
     if not src.exists():
         raise WeightportError(f"{src}: no such file or directory")
     check_output(src, out, force)
+    if to == "peft":
+        raise WeightportError("--to peft converts a LitGPT LoRA checkpoint; use convert_adapter()")
     plan = plan_conversion(src, out, to, source_format=source_format, dtype=dtype, max_shard_size=max_shard_size,
                            layout=layout, source_layout=source_layout, container=container,
                            tp=tp, pp=pp, allow_approximate=allow_approximate, nanotron_version=nanotron_version,
@@ -194,3 +198,18 @@ def support_matrix() -> list[tuple[str, str, str, str]]:
             read, write = a.name in f.archs + f.read_only_archs, a.name in f.archs
             rows.append((f.name, f"{a.name} — {a.title}", "yes" if read else "no", "yes" if write else "no"))
     return rows
+
+
+def convert_adapter(src: str | Path, out: str | Path, to: str = "peft", force: bool = False) -> list[str]:
+    """A LitGPT LoRA checkpoint (`litgpt finetune_lora`'s output) as a PEFT adapter directory at
+    `out`; returns the adapted modules."""
+    src, out = Path(src), Path(out)
+    if to != "peft":
+        raise WeightportError(f"adapters convert to peft only, not {to}")
+    if not src.exists():
+        raise WeightportError(f"{src}: no such file or directory")
+    if not lora_litgpt.is_litgpt_lora(src):
+        raise WeightportError(f"{src}: --to peft takes a LitGPT LoRA checkpoint (lit_model.pth.lora with "
+                              "hyperparameters.yaml and model_config.yaml)")
+    check_output(src, out, force)
+    return export.litgpt_lora_to_peft(src, out, force)

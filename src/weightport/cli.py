@@ -45,8 +45,9 @@ def _parser() -> argparse.ArgumentParser:
                                    "never modified; OUT appears only when complete.")
     c.add_argument("src", metavar="SRC", help="source checkpoint directory (or a LitGPT .pth file)")
     c.add_argument("out", metavar="OUT", help="output directory to create")
-    c.add_argument("--to", required=True, metavar="FORMAT", choices=list(formats.FORMATS),
-                   help=f"target format: {names}")
+    c.add_argument("--to", required=True, metavar="FORMAT", choices=[*formats.FORMATS, "peft"],
+                   help=f"target format: {names}; or peft, which turns a LitGPT LoRA checkpoint (SRC: "
+                        "litgpt finetune_lora's output) into a PEFT adapter directory")
     c.add_argument("--from", dest="source_format", metavar="FORMAT", choices=list(formats.FORMATS),
                    help="source format, when detection should be overridden")
     c.add_argument("--dtype", default="auto", choices=list(CLI_DTYPES),
@@ -211,6 +212,11 @@ def _add_data_args(p: argparse.ArgumentParser, default_samples: int) -> None:
 
 
 def _convert(args) -> int:
+    if args.to == "peft":
+        modules = api.convert_adapter(args.src, args.out, force=args.force)
+        if not args.quiet:
+            print(f"wrote {args.out}: PEFT adapter on {len(modules)} modules")
+        return 0
     plan = api.convert(args.src, args.out, args.to, source_format=args.source_format, dtype=args.dtype,
                        max_shard_size=args.max_shard_size, force=args.force, allow_overflow=args.allow_overflow,
                        dry_run=args.dry_run, progress=not args.quiet and sys.stderr.isatty(),

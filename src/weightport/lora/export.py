@@ -1,0 +1,73 @@
+"""`weightport convert LITGPT_LORA OUT --to peft`: a LitGPT LoRA checkpoint as a PEFT adapter directory,
+so the adapter can stay separate from the base in Hugging Face tooling.
+
+The fused q/k/v LoRA is split into q_proj/k_proj/v_proj LoRAs (each part's own rows of A and B),
+the other layers are renamed to their Hugging Face modules, and r / lora_alpha carry over (both
+libraries scale by lora_alpha / r). Written like every output: into a temporary sibling, renamed
+into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+
+from ..archs import model_from_hf_config
+from ..errors import WeightportError
+from ..execute import temp_sibling
+from ..formats.litgpt_config import to_hf
+from ..io.safetensors_file import SafetensorsStreamWriter
+from .litgpt import HPARAMS, LORA_FILE, read_litgpt
+
+PREFIX = "base_model.model."
+
+
+def litgpt_lora_to_peft(src: Path, out: Path, force: bool = False) -> list[str]:
+    """Write the PEFT adapter; returns the adapted module names."""
+    lora_dir = src if src.is_dir() else src.parent
+    config_yaml = lora_dir / "model_config.yaml"
+    if not config_yaml.is_file():
+        raise WeightportError(f"{lora_dir}: no model_config.yaml (the base model's LitGPT config, which "
+                              "litgpt finetune_lora writes beside the adapter)")
+    with open(config_yaml, encoding="utf-8") as f:
+        # LitGPT's config has no tying flag; an untied base has every layer a LoRA can target
+        base = model_from_hf_config(to_hf(yaml.safe_load(f) or {}, tied=False), str(config_yaml))
+    with open(lora_dir / HPARAMS, encoding="utf-8") as f:
+        hp = yaml.safe_load(f) or {}
+    adapter = read_litgpt(src, base)
+    tmp = temp_sibling(out)
+    try:
+        if out.exists() and not force:
+            raise WeightportError(f"{out}: already exists; pass --force to replace it")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        names = [(f"{PREFIX}{d.module}.lora_{ab}.weight", getattr(d, ab.lower())) for d in adapter.deltas for ab in "AB"]
+        writer = SafetensorsStreamWriter(tmp / "adapter_model.safetensors",
+                                         [(n, adapter.source.tensors[s].shape, adapter.source.tensors[s].dtype)
+                                          for n, s in names], {"format": "pt"})
+        for n, s in names:
+            writer.write(n, adapter.source.load(s).contiguous())
+        writer.close()
+        targets = sorted({d.module.rsplit(".", 1)[1] for d in adapter.deltas})
+        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(hp["lora_r"]),
+                  "lora_alpha": hp["lora_alpha"], "lora_dropout": float(hp.get("lora_dropout", 0.0)),
+                  "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+                  "use_dora": False, "modules_to_save": None, "inference_mode": True,
+                  "base_model_name_or_path": str(hp.get("checkpoint_dir", "")) or None}
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        return [d.module for d in adapter.deltas]
+    finally:
+        adapter.source.close()
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+__all__ = ["LORA_FILE", "litgpt_lora_to_peft"]
