@@ -9,9 +9,13 @@ stdlib, torch and llava.
 Loads CKPT_DIR with LLaVA's own LlavaLlamaForCausalLM.from_pretrained in float32 on CPU, loads its
 vision tower from `mm_vision_tower` as the builder does (`load_model()`, unless
 `unfreeze_mm_vision_tower` true already built it and the checkpoint's ViT tensors filled it), and runs
-LLaVA's own forward pass, whose prepare_inputs_labels_for_multimodal splices the projected image features in place of each IMAGE_TOKEN_INDEX (-200) in input_ids. INPUT.pt holds
-{"input_ids": LongTensor [1, T] with one -200 per image, "pixel_values": FloatTensor [N, 3, S, S]};
-OUT.pt receives {"logits": FloatTensor [1, T - N + N * patches, V]}.
+LLaVA's own forward pass, whose prepare_inputs_labels_for_multimodal splices the projected image
+features in place of each IMAGE_TOKEN_INDEX (-200) in input_ids.
+
+INPUT.pt (read with weights_only=True) holds {"input_ids": LongTensor [1, T] with one -200 per
+image, "pixel_values": FloatTensor [N, 3, S, S]}; OUT.pt receives
+{"logits": FloatTensor [1, T - N + N * patches, V]} (patches = (S / patch_size)**2 with
+mm_vision_select_feature "patch", one more with "cls_patch").
 
 builder.load_pretrained_model is not used: it forces float16 (whatever torch_dtype is passed), needs
 a tokenizer, resizes the embeddings to the tokenizer's length, and takes the multimodal path only if
@@ -39,7 +43,8 @@ VIT_PREFIX = "model.vision_tower."
 def load(ckpt: str):
     from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
 
-    model, info = LlavaLlamaForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32, output_loading_info=True)
+    model, info = LlavaLlamaForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32,
+                                                        output_loading_info=True)
     missing = sorted(info["missing_keys"])
     unexpected = sorted(info["unexpected_keys"])
     if missing:
@@ -63,7 +68,8 @@ def load(ckpt: str):
     tower.to(dtype=torch.float32)
     bad = [n for n, p in model.named_parameters() if p.device.type != "cpu" or not torch.isfinite(p).all()]
     if bad:
-        raise SystemExit(f"llava_peer: {ckpt}: {len(bad)} parameter(s) not loaded or not finite: {bad[:8]}")
+        raise SystemExit(f"llava_peer: {ckpt}: {len(bad)} parameter(s) not loaded or not finite: "
+                         f"{bad[:8]}")
     return model.eval()
 
 
