@@ -133,9 +133,18 @@ def trained_state_dict(llm: Path, clip: Path, projector: dict, parts=("llm", "vi
     return sd
 
 
+class _StatisticMethod:
+    """Pickles as mmengine's HistoryBuffer pickles its statistics methods: getattr(cls, name)."""
+
+    def __reduce__(self):
+        import argparse
+
+        return (getattr, (argparse.Namespace, "__init__"))
+
+
 def save_mmengine_checkpoint(path: Path, state_dict: dict) -> Path:
     """iter_N.pth as mmengine's Runner saves it: the state dict beside bookkeeping that pickles numpy
-    objects and non-tensor classes."""
+    objects, non-tensor classes and builtins.getattr calls."""
     import argparse
 
     import numpy as np
@@ -144,6 +153,7 @@ def save_mmengine_checkpoint(path: Path, state_dict: dict) -> Path:
     torch.save({"meta": {"epoch": 1, "iter": 50, "seed": np.int64(42), "cfg": "model = dict(type=LLaVAModel)"},
                 "state_dict": state_dict,
                 "message_hub": {"log_scalars": {"train/loss": np.array([2.5, 2.25])},
+                                "statistics_methods": {"mean": _StatisticMethod()},
                                 "runtime_info": argparse.Namespace(iter=50)},
                 "optimizer": {"state": {}, "param_groups": [{"lr": 2e-5}]}}, path)
     return path
