@@ -89,9 +89,9 @@ def test_phi3_training_checkpoint_to_llava_hf_as_llama(tmp_path):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("lora", "{pth}: tensor llm.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight is a LoRA "
-             "adapter weight; weightport cannot merge LoRA yet (merge it with xtuner's pth_to_hf --save-format "
-             "huggingface)"),
+    ("lora", "{pth}: holds LoRA weights (llm.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight, "
+             "...) but not their alpha, which is in the training config (llm_lora=dict(..., lora_alpha=...)); pass "
+             "--lora-alpha"),
     ("unknown", "{pth}: tensor data_preprocessor.mean is not part of xtuner's LLaVAModel (expected llm.*, "
                 "visual_encoder.* or projector.model.*)"),
     ("no-bases", "{pth}: an xtuner training checkpoint holds no configs; pass --llm and --visual-encoder with the "
@@ -180,3 +180,28 @@ def test_cli_one_command_and_one_line_errors(bases, trained, tmp_path):
     assert r.returncode == 1
     assert r.stderr == ("weightport: error: --llm: only for LLaVA checkpoints that lack a part (xtuner, xtuner-llava, "
                         "llava), not format hf\n")
+
+
+def test_lora_weights_in_a_training_checkpoint_are_merged(bases, tmp_path):
+    """xtuner's LLaVAModel.state_dict() after LoRA training of the LLM: only llm.*lora_* and the
+    projector; merged with --lora-alpha, the result computes what peft's merged LLM computes."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    llm, clip = bases
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(llm, dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(0.1 * torch.randn_like(p))
+    proj = projector_weights()
+    sd = {f"llm.{k}": v for k, v in model.state_dict().items() if "lora_" in k}
+    sd.update({f"projector.{k}": v for k, v in proj.items()})
+    assert "llm.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight" in sd
+    model.merge_and_unload().save_pretrained(tmp_path / "merged-llm")
+    pth = save_mmengine_checkpoint(tmp_path / "work" / "iter_7.pth", sd)
+    plan = weightport.convert(pth, tmp_path / "hf", "llava-hf", llm=llm, visual_encoder=clip, lora_alpha=16)
+    assert "note:    LoRA from" in plan.render()
+    want = reference_logits(tmp_path / "merged-llm", clip, proj, image_id=120)
+    assert (llava_hf_logits(tmp_path / "hf")[..., :VOCAB] - want).abs().max() < 1e-5

@@ -20,7 +20,7 @@ from .plan import Plan, build_plan
 
 
 def open_checkpoint(path: str | Path, fmt: str | None = None, layout: str | None = None,
-                    bases: dict[str, str | Path] | None = None) -> Checkpoint:
+                    bases: dict[str, str | Path] | None = None, lora_alpha: float | None = None) -> Checkpoint:
     """`bases`: base checkpoints that complete a partial one ({"llm": DIR, "visual_encoder": DIR})."""
     path = Path(path)
     adapter = formats.get(fmt) if fmt else formats.detect(path)
@@ -28,8 +28,11 @@ def open_checkpoint(path: str | Path, fmt: str | None = None, layout: str | None
         raise WeightportError(f"{path}: no such file or directory")
     _check_choice(adapter, "layout", layout, adapter.layouts)
     bases = {k: Path(v) for k, v in (bases or {}).items() if v is not None}
+    if lora_alpha is not None and adapter.name != "xtuner":
+        raise WeightportError(f"--lora-alpha: only for xtuner training checkpoints that hold LoRA weights, not "
+                              f"format {adapter.name}")
     if not bases:
-        return adapter.open(path, layout)
+        return adapter.open(path, layout, lora_alpha=lora_alpha) if lora_alpha is not None else adapter.open(path, layout)
     if not getattr(adapter, "takes_bases", False):
         flags = ", ".join(f"--{k.replace('_', '-')}" for k in bases)
         raise WeightportError(f"{flags}: only for LLaVA checkpoints that lack a part (xtuner, xtuner-llava, llava), "
@@ -37,6 +40,8 @@ def open_checkpoint(path: str | Path, fmt: str | None = None, layout: str | None
     for k, v in bases.items():
         if not v.is_dir():
             raise WeightportError(f"{v}: no such directory (--{k.replace('_', '-')})")
+    if adapter.name == "xtuner":
+        return adapter.open(path, layout, bases=bases, lora_alpha=lora_alpha)
     return adapter.open(path, layout, bases=bases)
 
 
@@ -80,13 +85,13 @@ def plan_conversion(src: str | Path, out: str | Path, to: str, *, source_format:
                     allow_approximate: bool = False, nanotron_version: str | None = None,
                     llm: str | Path | None = None, visual_encoder: str | Path | None = None,
                     to_arch: str | None = None, merge_lora: str | Path | None = None,
-                    lora_scale: float = 1.0) -> Plan:
+                    lora_scale: float = 1.0, lora_alpha: float | None = None) -> Plan:
     target = formats.get(to)
     check_parallel(target, tp, pp)
     if nanotron_version is not None and target.name != "nanotron":
         raise WeightportError(f"--nanotron-version applies to nanotron, not {target.name}")
     _check_choice(target, "container", container, target.containers)
-    ckpt = open_checkpoint(src, source_format, source_layout, {"llm": llm, "visual_encoder": visual_encoder})
+    ckpt = open_checkpoint(src, source_format, source_layout, {"llm": llm, "visual_encoder": visual_encoder}, lora_alpha)
     try:
         if isinstance(dtype, str):
             dtype = parse_dtype(dtype)
@@ -115,7 +120,7 @@ def convert(src: str | Path, out: str | Path, to: str, *, source_format: str | N
             tp: int = 1, pp: int = 1, allow_approximate: bool = False,
             nanotron_version: str | None = None, llm: str | Path | None = None,
             visual_encoder: str | Path | None = None, to_arch: str | None = None,
-            merge_lora: str | Path | None = None, lora_scale: float = 1.0) -> Plan:
+            merge_lora: str | Path | None = None, lora_scale: float = 1.0, lora_alpha: float | None = None) -> Plan:
     """Convert the checkpoint at `src` into format `to` at `out`; returns the executed plan."""
     src, out = Path(src), Path(out)
     if not src.exists():
@@ -127,7 +132,7 @@ def convert(src: str | Path, out: str | Path, to: str, *, source_format: str | N
                            layout=layout, source_layout=source_layout, container=container,
                            tp=tp, pp=pp, allow_approximate=allow_approximate, nanotron_version=nanotron_version,
                            llm=llm, visual_encoder=visual_encoder, to_arch=to_arch, merge_lora=merge_lora,
-                           lora_scale=lora_scale)
+                           lora_scale=lora_scale, lora_alpha=lora_alpha)
     try:
         if not dry_run:
             execute(plan, force=force, allow_overflow=allow_overflow, progress=progress)

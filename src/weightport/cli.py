@@ -90,6 +90,10 @@ def _parser() -> argparse.ArgumentParser:
                         "becomes W + scale * (B @ A), computed in float32 one tensor at a time")
     c.add_argument("--lora-scale", type=float, default=1.0, metavar="S",
                    help="multiply the adapter's own scale (lora_alpha / r) by S (default: 1.0)")
+    c.add_argument("--lora-alpha", type=float, metavar="A",
+                   help="xtuner training checkpoints that hold LoRA weights: the lora_alpha of the training "
+                        "config's llm_lora / visual_encoder_lora (the checkpoint does not record it); each adapted "
+                        "weight is merged with scale A / r, r read from the weights")
     c.add_argument("--llm", metavar="DIR",
                    help="xtuner checkpoints that lack the language model (training froze it): the Hugging Face "
                         "checkpoint it was trained from; the plan says which part came from where")
@@ -223,7 +227,8 @@ def _convert(args) -> int:
                        layout=args.layout, source_layout=args.source_layout, container=args.container,
                        tp=args.tp, pp=args.pp, allow_approximate=args.allow_approximate,
                        nanotron_version=args.nanotron_version, llm=args.llm, visual_encoder=args.visual_encoder,
-                       to_arch=args.to_arch, merge_lora=args.merge_lora, lora_scale=args.lora_scale)
+                       to_arch=args.to_arch, merge_lora=args.merge_lora, lora_scale=args.lora_scale,
+                       lora_alpha=args.lora_alpha)
     if args.quiet:
         for warning in plan.warnings:
             print(f"weightport: warning: {warning}", file=sys.stderr)

@@ -11,6 +11,7 @@ tensors fill in whatever the checkpoint lacks. The plan says how many tensors ca
 
 from __future__ import annotations
 
+import re
 import zipfile
 from pathlib import Path
 
@@ -41,7 +42,8 @@ class XtunerPthFormat(Format):
             return is_zero_checkpoint(path)
         return path.suffix in (".pth", ".pt") and zipfile.is_zipfile(path) and _has_projector(path)
 
-    def open(self, path: Path, layout: str | None = None, bases: dict[str, Path] | None = None) -> Checkpoint:
+    def open(self, path: Path, layout: str | None = None, bases: dict[str, Path] | None = None,
+             lora_alpha: float | None = None) -> Checkpoint:
         bases = bases or {}
         missing = [f for f in ("llm", "visual_encoder") if f not in bases]
         if missing:
@@ -51,17 +53,20 @@ class XtunerPthFormat(Format):
                                   "visual_encoder_name_or_path)")
         own = open_zero_checkpoint(path) if path.is_dir() else open_files([path])
         try:
-            return self._open(path, own, bases)
+            lora_names = [n for n in own.tensors if any(m in n for m in LORA)]
+            if lora_names and lora_alpha is None:
+                raise WeightportError(f"{path}: holds LoRA weights ({lora_names[0]}, ...) but not their alpha, which is "
+                                      "in the training config (llm_lora=dict(..., lora_alpha=...)); pass --lora-alpha")
+            ckpt = self._open(path, own, bases, set(lora_names))
+            if lora_names:
+                ckpt = _merge_training_lora(ckpt, path, lora_names, float(lora_alpha))
+            return ckpt
         except BaseException:
             own.close()
             raise
 
-    def _open(self, path: Path, own, bases: dict[str, Path]) -> Checkpoint:
-        names = list(own.tensors)
-        lora = next((n for n in names if any(m in n for m in LORA)), None)
-        if lora is not None:
-            raise WeightportError(f"{path}: tensor {lora} is a LoRA adapter weight; weightport cannot merge LoRA yet "
-                                  "(merge it with xtuner's pth_to_hf --save-format huggingface)")
+    def _open(self, path: Path, own, bases: dict[str, Path], lora_names: set[str]) -> Checkpoint:
+        names = [n for n in own.tensors if n not in lora_names]
         unknown = next((n for n in names if not n.startswith((LLM, VISUAL, PROJ))), None)
         if unknown is not None:
             raise WeightportError(f"{path}: tensor {unknown} is not part of xtuner's LLaVAModel (expected llm.*, "
@@ -115,7 +120,7 @@ class XtunerPthFormat(Format):
         claimed = {f for r in rules for f in r.fmt}
         replaced = {f"llm-base/{f}" for r in text.rules for f in r.fmt} | \
                    {base_prefix + r.fmt[0] for r in llava_parts.vision_rules(model, "")}
-        source.hide(replaced - claimed)
+        source.hide((replaced - claimed) | lora_names)
         dropped = {f"llm-base/{k}": v for k, v in text.dropped.items()}
         dropped.update({n: "not part of LLaVA's vision tower (CLIP text tower, projections)" for n in source.tensors
                         if n.startswith("vision-base/") and n not in claimed})
@@ -138,3 +143,39 @@ def _has_projector(path: Path) -> bool:
 
 
 FORMAT = XtunerPthFormat()
+
+
+_TRAINING_LORA = re.compile(r"^(?P<part>llm|visual_encoder)\.base_model\.model\.(?P<module>.+)"
+                            r"\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def _merge_training_lora(ckpt: Checkpoint, path: Path, names: list[str], alpha: float) -> Checkpoint:
+    """The LoRA weights xtuner's LLaVAModel saves for a LoRA-trained LLM or ViT, merged with scale
+    alpha / r (r from lora_A's rows)."""
+    from .. import lora
+    from ..lora.peft import Adapter, Delta
+    from .xtuner_llava import _vision_hub_name
+
+    pairs: dict[str, dict[str, str]] = {}
+    for n in names:
+        m = _TRAINING_LORA.match(n)
+        if m is None:
+            raise WeightportError(f"{path}: tensor {n} is a LoRA weight weightport does not merge (only lora_A / "
+                                  "lora_B of linear layers)")
+        pairs.setdefault(f"{m['part']}.{m['module']}", {})[m["ab"]] = n
+    # a second reader of the same file, narrowed to the LoRA weights, is the adapter's source
+    source = PartsSource({"": open_zero_checkpoint(path) if path.is_dir() else open_files([path])}, {})
+    source.hide(set(source.tensors) - set(names))
+    deltas = []
+    for module, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            source.close()
+            raise WeightportError(f"{path}: {module} has lora_{''.join(ab)} without its pair")
+        r = source.tensors[ab["A"]].shape[0]
+        deltas.append(Delta(module, ab["A"], ab["B"], alpha / r, transpose=False))
+
+    def hub(name: str) -> str:
+        part, _, rest = name.partition(".")
+        return TEXT + rest if part == "llm" else _vision_hub_name(rest)
+
+    return lora._merge(ckpt, Adapter(path, source, deltas), 1.0, hub)
