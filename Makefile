@@ -8,6 +8,7 @@ DEEPSPEED_VENV ?= .venv-deepspeed
 TORCH ?= torch==2.13.0
 TRANSFORMERS ?= transformers==5.23.0
 PEFT ?= peft==0.21.2
+ONNX ?= onnx==1.23.2 onnxruntime==1.32.0
 LITGPT ?= litgpt==0.5.13
 MINDSPORE ?= mindspore==2.10.0
 MINDFORMERS ?= mindformers==2.0.0
@@ -25,7 +26,7 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install $(PIP_FLAGS) $(TORCH)
-	$(VENV)/bin/pip install $(PIP_FLAGS) -e ".[test]" $(TRANSFORMERS) $(PEFT)
+	$(VENV)/bin/pip install $(PIP_FLAGS) -e ".[test]" $(TRANSFORMERS) $(PEFT) $(ONNX)
 	touch $@
 
 # LitGPT 0.5.x needs huggingface_hub<1.4 and transformers 5 needs newer: LitGPT gets its own

@@ -178,4 +178,4 @@ def test_unknown_format_and_missing_source(tmp_path):
     (tmp_path / "empty").mkdir()
     proc = run_cli("convert", tmp_path / "empty", tmp_path / "out", "--to", "litgpt")
     assert proc.stderr.strip() == (f"weightport: error: {tmp_path / 'empty'}: not a checkpoint in any known format "
-                                   "(hf, litgpt, mindspore, nanotron, xtuner-llava, llava, llava-hf, xtuner); pass --from to say which it is")
+                                   "(hf, litgpt, mindspore, nanotron, xtuner-llava, llava, llava-hf, xtuner, onnx); pass --from to say which it is")

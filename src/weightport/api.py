@@ -85,11 +85,13 @@ def plan_conversion(src: str | Path, out: str | Path, to: str, *, source_format:
                     allow_approximate: bool = False, nanotron_version: str | None = None,
                     llm: str | Path | None = None, visual_encoder: str | Path | None = None,
                     to_arch: str | None = None, merge_lora: str | Path | None = None,
-                    lora_scale: float = 1.0, lora_alpha: float | None = None) -> Plan:
+                    lora_scale: float = 1.0, lora_alpha: float | None = None, with_past: bool = False) -> Plan:
     target = formats.get(to)
     check_parallel(target, tp, pp)
     if nanotron_version is not None and target.name != "nanotron":
         raise WeightportError(f"--nanotron-version applies to nanotron, not {target.name}")
+    if with_past and target.name != "onnx":
+        raise WeightportError(f"--with-past applies to onnx, not {target.name}")
     _check_choice(target, "container", container, target.containers)
     ckpt = open_checkpoint(src, source_format, source_layout, {"llm": llm, "visual_encoder": visual_encoder}, lora_alpha)
     try:
@@ -105,7 +107,8 @@ def plan_conversion(src: str | Path, out: str | Path, to: str, *, source_format:
         check_supports(target, ckpt.model)
         _check_choice(target, "layout", layout, target.layouts_for(ckpt.model), ckpt.model)
         options = WriteOptions(max_shard_size=size, layout=layout, container=container, tp=tp, pp=pp,
-                               allow_approximate=allow_approximate, nanotron_version=nanotron_version)
+                               allow_approximate=allow_approximate, nanotron_version=nanotron_version,
+                               with_past=with_past)
         ckpt = target.prepare(ckpt, options)
         return build_plan(ckpt, target, Path(out), dtype, options)
     except BaseException:
@@ -120,7 +123,8 @@ def convert(src: str | Path, out: str | Path, to: str, *, source_format: str | N
             tp: int = 1, pp: int = 1, allow_approximate: bool = False,
             nanotron_version: str | None = None, llm: str | Path | None = None,
             visual_encoder: str | Path | None = None, to_arch: str | None = None,
-            merge_lora: str | Path | None = None, lora_scale: float = 1.0, lora_alpha: float | None = None) -> Plan:
+            merge_lora: str | Path | None = None, lora_scale: float = 1.0, lora_alpha: float | None = None,
+            with_past: bool = False) -> Plan:
     """Convert the checkpoint at `src` into format `to` at `out`; returns the executed plan."""
     src, out = Path(src), Path(out)
     if not src.exists():
@@ -132,7 +136,7 @@ def convert(src: str | Path, out: str | Path, to: str, *, source_format: str | N
                            layout=layout, source_layout=source_layout, container=container,
                            tp=tp, pp=pp, allow_approximate=allow_approximate, nanotron_version=nanotron_version,
                            llm=llm, visual_encoder=visual_encoder, to_arch=to_arch, merge_lora=merge_lora,
-                           lora_scale=lora_scale, lora_alpha=lora_alpha)
+                           lora_scale=lora_scale, lora_alpha=lora_alpha, with_past=with_past)
     try:
         if not dry_run:
             execute(plan, force=force, allow_overflow=allow_overflow, progress=progress)

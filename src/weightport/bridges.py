@@ -17,6 +17,7 @@ from .archs import Model, model_from_hf_config
 from .archs.llava import TEXT, text_config
 from .errors import WeightportError
 from .formats.base import Checkpoint
+from .hf_config import rope_parameters
 from .ops import Chain, Concat
 from .rules import Rule, expand
 
@@ -36,18 +37,9 @@ def _phi3_rules(model: Model) -> list[Rule]:
     return expand(rules, d.n_layer, 0, set(model.hub_tensors()))
 
 
-def _rope(cfg: dict) -> dict:
-    rope = dict(cfg.get("rope_parameters") or {})
-    if cfg.get("rope_scaling"):  # transformers 4.x name
-        rope.update(cfg["rope_scaling"])
-    if "rope_theta" in cfg:
-        rope.setdefault("rope_theta", cfg["rope_theta"])
-    return rope
-
-
 def phi3_to_llama_config(cfg: dict, allow_approximate: bool) -> tuple[dict, list[str]]:
     """Llama config.json for a Phi-3 one, and warnings for what --allow-approximate let through."""
-    rope, warnings = _rope(cfg), []
+    rope, warnings = rope_parameters(cfg), []
     partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
     if partial != 1.0:
         raise WeightportError(f"partial_rotary_factor {partial}: Phi-3 rotates only part of each head and Llama "

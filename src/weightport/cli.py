@@ -27,6 +27,8 @@ EPILOG = """examples:
   weightport eval-captions ./llama-lit --data ./shards/ --samples 100
   weightport convert ./Llama-3-8B ./llama-ms --to mindspore --dtype bfloat16 --layout fused-interleaved
   weightport convert ./Llama-3-8B ./llama-nt --to nanotron --tp 2
+  weightport convert ./Llama-3.2-1B ./llama-onnx --to onnx --with-past
+  weightport run ./llama-onnx --prompt "The capital of France is" --top-k 5 --generate 10
   weightport mindformers --model llama --input_path ./Llama-3-8B --output_path llama3.ckpt --dtype bf16
 """
 
@@ -102,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
                         "checkpoint (CLIPVisionModel or CLIPModel directory) it was trained from")
     c.add_argument("--from-layout", dest="source_layout", metavar="LAYOUT",
                    help="layout of the source, when the checkpoint does not record it (same names as --layout)")
+    c.add_argument("--with-past", action="store_true",
+                   help="onnx: export the decoder with a KV cache (past_key_values.N.key/.value in, present.N.key/"
+                        ".value out); an empty past gives a prefill, so one graph serves prefill and each step")
     c.add_argument("--dry-run", action="store_true",
                    help="build and check the plan from file headers, print it (files, tensors, bytes, ops) and exit")
     c.add_argument("--force", action="store_true", help="replace OUT if it exists (only once the new one is complete)")
@@ -196,6 +201,16 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true", help="replace OUT if it exists (only once the new one is complete)")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
 
+    r = sub.add_parser("run", help="run an ONNX export on ONNX Runtime (CPU): next-token top-k, greedy generation",
+                       description="Encode PROMPT with the export's tokenizer.json, run the decoder graph on ONNX "
+                                   "Runtime's CPU provider and print the most likely next tokens with their "
+                                   "probabilities; with --generate N, also greedily generate N tokens (one token "
+                                   "per step through the KV cache when the export has one, --with-past).")
+    r.add_argument("path", metavar="OUT", help="directory written by `convert --to onnx`")
+    r.add_argument("--prompt", required=True, help="text to continue")
+    r.add_argument("--top-k", type=int, default=20, metavar="K", help="how many next tokens to list (default: 20)")
+    r.add_argument("--generate", type=int, default=0, metavar="N", help="greedily generate N tokens and print them")
+
     mindformers_compat.add_parser(sub)
 
     sub.add_parser("formats", help="print the support matrix (format x architecture x direction)",
@@ -228,7 +243,7 @@ def _convert(args) -> int:
                        tp=args.tp, pp=args.pp, allow_approximate=args.allow_approximate,
                        nanotron_version=args.nanotron_version, llm=args.llm, visual_encoder=args.visual_encoder,
                        to_arch=args.to_arch, merge_lora=args.merge_lora, lora_scale=args.lora_scale,
-                       lora_alpha=args.lora_alpha)
+                       lora_alpha=args.lora_alpha, with_past=args.with_past)
     if args.quiet:
         for warning in plan.warnings:
             print(f"weightport: warning: {warning}", file=sys.stderr)
@@ -292,6 +307,18 @@ def _inspect(args) -> int:
     return 0
 
 
+def _run(args) -> int:
+    from .run_onnx import OnnxModel
+
+    model = OnnxModel(args.path)
+    for rank, p in enumerate(model.top_k(args.prompt, args.top_k), 1):
+        print(f"{rank:3}  {p.probability:8.4f}  {p.token_id:7}  {p.token!r}")
+    if args.generate:
+        ids = model.generate(args.prompt, args.generate)
+        print(f"generated: {model.tokenizer.decode(ids)!r}  (ids {ids})")
+    return 0
+
+
 def _formats(args) -> int:
     rows = api.support_matrix()
     fw, width = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
@@ -305,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"convert": _convert, "inspect": _inspect, "formats": _formats, "verify": _verify,
-                    "eval-captions": _eval_captions, "mindformers": _mindformers, "build": _build}
+                    "eval-captions": _eval_captions, "mindformers": _mindformers, "build": _build,
+                    "run": _run}
         return commands[args.command](args)
     except WeightportError as e:
         print(f"weightport: error: {e}", file=sys.stderr)

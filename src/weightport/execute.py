@@ -39,7 +39,9 @@ def execute(plan: Plan, *, force: bool = False, allow_overflow: bool = False, pr
         _stream(plan, writer, allow_overflow, progress)
         writer.close()
         writer = None
-        side = plan.target.write_metadata(tmp, plan.source, plan.source.model, _output_dtype(plan), plan.options)
+        model, dtype = plan.source.model, _output_dtype(plan)
+        side = plan.target.write_index(tmp, plan.files, model, dtype, plan.options)
+        side += plan.target.write_metadata(tmp, plan.source, model, dtype, plan.options)
         _fsync_dir(tmp)
         if out_dir.exists():
             if not force:

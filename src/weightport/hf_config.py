@@ -73,3 +73,14 @@ def vision_tower_config(path: Path, family: str, what: str) -> dict:
         raise WeightportError(f"{path}: model_type {kind!r} is not a {what} checkpoint (expected {family} or "
                               f"{family}_vision_model)")
     return cfg
+
+
+def rope_parameters(cfg: dict) -> dict:
+    """The rotary settings of a config.json in transformers 5.x's shape (`rope_parameters`), from
+    either generation (4.x: `rope_scaling` and a top-level `rope_theta`)."""
+    rope = dict(cfg.get("rope_parameters") or {})
+    if cfg.get("rope_scaling"):
+        rope.update(cfg["rope_scaling"])
+    if "rope_theta" in cfg:
+        rope.setdefault("rope_theta", cfg["rope_theta"])
+    return rope

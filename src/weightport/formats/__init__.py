@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import WeightportError
-from . import hf, litgpt, llava_hf, llava_official, mindspore, nanotron, xtuner_llava, xtuner_pth
+from . import hf, litgpt, llava_hf, llava_official, mindspore, nanotron, onnx, xtuner_llava, xtuner_pth
 from .base import Checkpoint, Format, OutputFile, OutputTensor, WriteOptions
 
 FORMATS: dict[str, Format] = {f.name: f for f in (hf.FORMAT, litgpt.FORMAT, mindspore.FORMAT, nanotron.FORMAT,
                                                   xtuner_llava.FORMAT, llava_official.FORMAT, llava_hf.FORMAT,
-                                                  xtuner_pth.FORMAT)}
+                                                  xtuner_pth.FORMAT, onnx.FORMAT)}
 # detection takes the first that claims a path: the LLaVA layouts before the plain hf they contain
-_DETECTION_ORDER = ("xtuner", "xtuner-llava", "llava", "llava-hf", "hf", "litgpt", "mindspore", "nanotron")
+_DETECTION_ORDER = ("onnx", "xtuner", "xtuner-llava", "llava", "llava-hf", "hf", "litgpt", "mindspore", "nanotron")
 
 
 def get(name: str) -> Format:

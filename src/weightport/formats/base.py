@@ -82,6 +82,8 @@ class WriteOptions:
     allow_approximate: bool = False
     # checkpoint version a nanotron output declares (None: the format's default)
     nanotron_version: str | None = None
+    # ONNX: the decoder also takes past keys/values and returns the present ones (a KV cache)
+    with_past: bool = False
 
 
 class Writer:
@@ -153,6 +155,12 @@ class Format:
                        options: WriteOptions) -> list[str]:
         """Config, tokenizer and other non-tensor files; returns the names written."""
         raise NotImplementedError
+
+    def write_index(self, directory: Path, files: list[OutputFile], model: Model, dtype: torch.dtype,
+                    options: WriteOptions) -> list[str]:
+        """Files that say where each written tensor lies (an ONNX graph names its weights' byte
+        offsets); most formats' weight files describe themselves. Returns the names written."""
+        return []
 
 
 def write_hf_sidecar(directory: Path, source: Checkpoint, model: Model, config: dict | None = None) -> list[str]:
