@@ -208,6 +208,9 @@ def _parser() -> argparse.ArgumentParser:
                                    "per step through the KV cache when the export has one, --with-past).")
     r.add_argument("path", metavar="OUT", help="directory written by `convert --to onnx`")
     r.add_argument("--prompt", required=True, help="text to continue")
+    r.add_argument("--image", metavar="IMG",
+                   help="LLaVA exports: an image file, preprocessed as the export's preprocessor_config.json says; "
+                        "it replaces the prompt's <image> token (or goes first when the prompt has none)")
     r.add_argument("--top-k", type=int, default=20, metavar="K", help="how many next tokens to list (default: 20)")
     r.add_argument("--generate", type=int, default=0, metavar="N", help="greedily generate N tokens and print them")
 
@@ -311,10 +314,10 @@ def _run(args) -> int:
     from .run_onnx import OnnxModel
 
     model = OnnxModel(args.path)
-    for rank, p in enumerate(model.top_k(args.prompt, args.top_k), 1):
+    for rank, p in enumerate(model.top_k(args.prompt, args.top_k, args.image), 1):
         print(f"{rank:3}  {p.probability:8.4f}  {p.token_id:7}  {p.token!r}")
     if args.generate:
-        ids = model.generate(args.prompt, args.generate)
+        ids = model.generate(args.prompt, args.generate, args.image)
         print(f"generated: {model.tokenizer.decode(ids)!r}  (ids {ids})")
     return 0
 

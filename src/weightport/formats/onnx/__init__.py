@@ -2,6 +2,12 @@
 so no 2 GB protobuf limit applies and nothing is split; beside it config.json, the tokenizer and
 `weightport_onnx.json`, the manifest `weightport run` reads.
 
+A LLaVA model becomes three graphs, as ONNX Runtime users of VLMs lay them out: `vision.onnx`
+(pixel_values -> image_features: vision tower and projector), `embed.onnx` (input_ids ->
+inputs_embeds) and `decoder.onnx` (inputs_embeds -> logits); the manifest says how they connect
+(which token id the image features replace, how many per image), and the config, tokenizer and
+processor files are llava-hf's, the image token added when the source has none.
+
 Weights are streamed into the data file like any other format's tensors; the graph is built from
 the plan alone (shapes and byte offsets) and never holds a weight. Reading an export back (its
 initializers, by byte range) gives the hub tensors again, bit for bit.
@@ -14,7 +20,8 @@ from pathlib import Path
 import torch
 
 from ...archs import Model, model_from_hf_config
-from ...dtypes import short_name
+from ...archs.llava import PROJECTOR, TEXT, VISION, text_arch, text_config, vision_config
+from ...dtypes import parse_dtype, short_name
 from ...errors import WeightportError
 from ...hf_config import load_json
 from ...io.source import TensorSource
@@ -22,12 +29,16 @@ from ...ops import Transpose
 from ...rules import Rule, rename
 from ..base import (Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions, find_side_files,
                     write_hf_sidecar, write_json)
-from . import decoder
+from .. import llava_hf
+from . import decoder, vision
 from .external_data import ExternalDataFile, ExternalDataWriter, offsets
 
+EMBED = TEXT + "model.embed_tokens.weight"
 GRAPH, DATA, MANIFEST = "model.onnx", "model.onnx.data", "weightport_onnx.json"
-# stored as the hub holds them; every other matrix is a Linear weight, stored transposed
-NOT_TRANSPOSED = ("embed_tokens.weight",)
+# a LLaVA export's graphs, each with its own data file
+LLAVA_GRAPHS = ("vision", "embed", "decoder")
+# embedding tables, stored as the hub holds them; every other matrix is a Linear weight, stored transposed
+NOT_TRANSPOSED = ("embed_tokens.weight", "position_embedding.weight")
 
 
 def onnx_rules(model: Model) -> list[Rule]:
@@ -49,37 +60,43 @@ def _require_onnx():
 class OnnxFormat(Format):
     name = "onnx"
     title = "ONNX (model.onnx + external data model.onnx.data; decoders, optional KV cache)"
-    archs = decoder.ARCHS
+    archs = decoder.ARCHS + ("llava",)
 
     def detect(self, path: Path) -> bool:
         directory = path if path.is_dir() else path.parent
-        return (directory / GRAPH).is_file() and (directory / "config.json").is_file()
+        return (directory / MANIFEST).is_file() and (directory / "config.json").is_file()
 
     def open(self, path: Path, layout: str | None = None) -> Checkpoint:
         onnx = _require_onnx()
         directory = path if path.is_dir() else path.parent
         model = model_from_hf_config(load_json(directory / "config.json"), str(directory / "config.json"))
-        try:
-            proto = onnx.load(str(directory / GRAPH), load_external_data=False)
-        except Exception as e:  # protobuf's DecodeError and friends: one line, the file named
-            raise WeightportError(f"{directory / GRAPH}: not a readable ONNX model ({e})") from None
         from .graph import ONNX_DTYPES
 
         torch_dtypes = {v: k for k, v in ONNX_DTYPES.items()}
         located: dict[str, dict] = {}
-        for t in proto.graph.initializer:
-            if t.data_location != onnx.TensorProto.EXTERNAL:
-                continue  # graph constants (rotary frequencies, shapes), not weights
-            info = {e.key: e.value for e in t.external_data}
-            where = info.get("location", "")
-            if Path(where).name != where:
-                raise WeightportError(f"{directory / GRAPH}: tensor {t.name} points outside its directory ({where!r})")
-            dtype = torch_dtypes.get(t.data_type)
-            if dtype is None:
-                raise WeightportError(f"{directory / GRAPH}: tensor {t.name} has ONNX data type {t.data_type}, "
-                                      "which weightport does not read")
-            located.setdefault(where, {})[t.name] = (int(info.get("offset", 0)), int(info["length"]),
-                                                     tuple(t.dims), dtype)
+        manifest = load_json(directory / MANIFEST)
+        for name, u in manifest.get("unused_weights", {}).items():
+            located.setdefault(u["file"], {})[name] = (u["offset"], u["length"], tuple(u["shape"]),
+                                                       parse_dtype(u["dtype"]))
+        for entry in manifest["graphs"].values():
+            graph_path = directory / entry["file"]
+            try:
+                proto = onnx.load(str(graph_path), load_external_data=False)
+            except Exception as e:  # protobuf's DecodeError and friends: one line, the file named
+                raise WeightportError(f"{graph_path}: not a readable ONNX model ({e})") from None
+            for t in proto.graph.initializer:
+                if t.data_location != onnx.TensorProto.EXTERNAL:
+                    continue  # graph constants (rotary frequencies, shapes), not weights
+                info = {e.key: e.value for e in t.external_data}
+                where = info.get("location", "")
+                if Path(where).name != where:
+                    raise WeightportError(f"{graph_path}: tensor {t.name} points outside its directory ({where!r})")
+                dtype = torch_dtypes.get(t.data_type)
+                if dtype is None:
+                    raise WeightportError(f"{graph_path}: tensor {t.name} has ONNX data type {t.data_type}, "
+                                          "which weightport does not read")
+                located.setdefault(where, {})[t.name] = (int(info.get("offset", 0)), int(info["length"]),
+                                                         tuple(t.dims), dtype)
         files = []
         try:
             for where, entries in located.items():
@@ -93,16 +110,28 @@ class OnnxFormat(Format):
                           rules=onnx_rules(model), side_files=find_side_files(directory),
                           generation_config=_optional_json(directory / "generation_config.json"))
 
+    def prepare(self, source: Checkpoint, options: WriteOptions) -> Checkpoint:
+        return llava_hf.FORMAT.prepare(source, options) if source.model.arch.name == "llava" else source
+
     def check_write(self, model: Model, options: WriteOptions) -> list[str]:
         _require_onnx()
-        decoder.check(model)
+        if model.arch.name == "llava":
+            vision.check(model.config)
+        decoder.check(text_model(model))
         return []
 
     def target_rules(self, model: Model, layout: str | None = None, tp: int = 1) -> list[Rule]:
         return onnx_rules(model)
 
     def layout(self, tensors: list[OutputTensor], options: WriteOptions) -> list[OutputFile]:
-        return [OutputFile(DATA, tensors)]
+        if not tensors[0].name.startswith(VISION):
+            return [OutputFile(DATA, tensors)]
+        files = {g: OutputFile(f"{g}.onnx.data", []) for g in LLAVA_GRAPHS}
+        for t in tensors:
+            graph = ("vision" if t.name.startswith((VISION, PROJECTOR)) else
+                     "embed" if t.name == EMBED else "decoder")
+            files[graph].tensors.append(t)
+        return list(files.values())
 
     def writer(self, directory: Path, files: list[OutputFile]) -> Writer:
         return ExternalDataWriter(directory, files)
@@ -112,25 +141,74 @@ class OnnxFormat(Format):
         onnx = _require_onnx()
         from .graph import Graph
 
-        g = Graph("decoder")
-        (data,) = files
-        for t in data.tensors:
-            offset, length = offsets(data)[t.name]
-            g.external(t.name, t.shape, t.dtype, data.name, offset, length)
-        decoder.build(g, model, dtype, with_past=options.with_past)
-        onnx.save_model(g.model(f"weightport export of a {model.arch.name} decoder"), str(directory / GRAPH))
-        write_json(directory / MANIFEST, {
-            "format": "weightport-onnx", "version": 1, "dtype": short_name(dtype),
-            "graphs": {"decoder": {"file": GRAPH, "data": DATA, "inputs": [i.name for i in g.inputs],
-                                   "outputs": [o.name for o in g.outputs], "with_past": options.with_past}},
-            "model": {"arch": model.arch.name, "n_layer": model.dims.n_layer, "n_kv": model.dims.n_kv,
-                      "head_dim": model.dims.head_dim, "vocab": model.dims.vocab},
-        })
-        return [GRAPH, MANIFEST]
+        # weights no graph runs (vision layers past LLaVA's feature layer) are stored all the same, so
+        # reading back gives the whole model, and located by the manifest instead of a graph: ONNX
+        # Runtime warns of every unused initializer
+        unused: dict[str, dict] = {}
+
+        def graph(name: str, data: list[OutputFile]) -> Graph:
+            g = Graph(name)
+            for f in data:
+                for t in f.tensors:
+                    offset, length = offsets(f)[t.name]
+                    if name == "vision" and vision.unused(t.name, model.config):
+                        unused[t.name] = {"file": f.name, "offset": offset, "length": length,
+                                          "dtype": short_name(t.dtype), "shape": list(t.shape)}
+                    else:
+                        g.external(t.name, t.shape, t.dtype, f.name, offset, length)
+            return g
+
+        def save(g: Graph, file: str, what: str, **extra) -> tuple[str, dict]:
+            onnx.save_model(g.model(f"weightport export: {what}"), str(directory / file))
+            return g.name, {"file": file, "inputs": [i.name for i in g.inputs],
+                            "outputs": [o.name for o in g.outputs], **extra}
+
+        text = text_model(model)
+        manifest = {"format": "weightport-onnx", "version": 1, "dtype": short_name(dtype),
+                    "model": {"arch": model.arch.name, "n_layer": text.dims.n_layer, "n_kv": text.dims.n_kv,
+                              "head_dim": text.dims.head_dim, "vocab": text.dims.vocab}}
+        if len(files) == 1:
+            g = graph("decoder", files)
+            decoder.build(g, text, dtype, with_past=options.with_past)
+            manifest["graphs"] = dict([save(g, GRAPH, f"{model.arch.name} decoder", with_past=options.with_past)])
+            write_json(directory / MANIFEST, manifest)
+            return [GRAPH, MANIFEST]
+
+        by_name = {f.name.split(".")[0]: f for f in files}
+        g_vision = graph("vision", [by_name["vision"]])
+        vision.build(g_vision, model.config, dtype)
+        g_embed = graph("embed", [by_name["embed"]])
+        ids = g_embed.input("input_ids", onnx.TensorProto.INT64, ["batch_size", "sequence_length"])
+        g_embed.output(g_embed.op("Gather", EMBED, ids, axis=0), "inputs_embeds", dtype,
+                       ["batch_size", "sequence_length", text.dims.hidden])
+        # a tied text model's head is the embedding table: its data file is the embed graph's
+        g_decoder = graph("decoder", [by_name["decoder"]] + ([by_name["embed"]] if text.dims.tied else []))
+        decoder.build(g_decoder, text, dtype, with_past=options.with_past, prefix=TEXT, embeds_input=True)
+        manifest["graphs"] = dict([save(g_vision, "vision.onnx", "LLaVA vision tower and projector"),
+                                   save(g_embed, "embed.onnx", "LLaVA token embeddings"),
+                                   save(g_decoder, "decoder.onnx", "LLaVA text decoder on inputs_embeds",
+                                        with_past=options.with_past)])
+        manifest["image"] = {"token_id": llava_hf.image_token(model.config),
+                             "tokens_per_image": vision.image_tokens(model.config),
+                             "size": vision_config(model.config)["image_size"],
+                             "connect": "inputs_embeds = embed(input_ids); the rows where input_ids == token_id, "
+                                        "tokens_per_image per image in order, are replaced by vision(pixel_values)"}
+        manifest["unused_weights"] = unused
+        write_json(directory / MANIFEST, manifest)
+        return ["vision.onnx", "embed.onnx", "decoder.onnx", MANIFEST]
 
     def write_metadata(self, directory: Path, source: Checkpoint, model: Model, dtype: torch.dtype,
                        options: WriteOptions) -> list[str]:
+        if model.arch.name == "llava":
+            return llava_hf.FORMAT.write_metadata(directory, source, model, dtype, options)
         return write_hf_sidecar(directory, source, model)
+
+
+def text_model(model: Model) -> Model:
+    """The decoder-only model inside (a LLaVA's text model), or the model itself."""
+    if model.arch.name != "llava":
+        return model
+    return Model(text_arch(model.config), text_config(model.config), model.dims)
 
 
 def _optional_json(path: Path) -> dict | None:

@@ -53,9 +53,8 @@ def build(g, model: Model, dtype: torch.dtype, *, with_past: bool, prefix: str =
     from .graph import ONNX_DTYPES
 
     d, cfg = model.dims, model.config
-    names = {i.name for i in g.initializers}
     P = lambda template, l=None: prefix + template.format(l=l)  # noqa: E731
-    has = lambda name: name in names  # noqa: E731
+    has = g.has
     eps = float(cfg.get("rms_norm_eps", 1e-6))
     elem = ONNX_DTYPES[dtype]
 

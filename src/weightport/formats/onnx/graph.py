@@ -64,6 +64,9 @@ class Graph:
         self.initializers.append(tensor)
         return name
 
+    def has(self, name: str) -> bool:
+        return any(i.name == name for i in self.initializers)
+
     def input(self, name: str, dtype, shape) -> str:
         self.inputs.append(helper.make_tensor_value_info(name, _elem(dtype), shape))
         return name
