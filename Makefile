@@ -5,10 +5,13 @@ VENV ?= .venv
 LITGPT_VENV ?= .venv-litgpt
 LLAVA_VENV ?= .venv-llava
 DEEPSPEED_VENV ?= .venv-deepspeed
+OPTIMUM_VENV ?= .venv-optimum
 TORCH ?= torch==2.13.0
 TRANSFORMERS ?= transformers==5.23.0
 PEFT ?= peft==0.21.2
 ONNX ?= onnx==1.23.2 onnxruntime==1.32.0
+# optimum-onnx 0.1 needs transformers < 4.58: its own venv, for the ONNX benchmark only
+OPTIMUM ?= optimum-onnx[onnxruntime]==0.1.0 transformers==4.57.6
 LITGPT ?= litgpt==0.5.13
 MINDSPORE ?= mindspore==2.10.0
 MINDFORMERS ?= mindformers==2.0.0
@@ -74,6 +77,12 @@ $(DEEPSPEED_VENV)/.installed:
 	DS_BUILD_OPS=0 $(DEEPSPEED_VENV)/bin/pip install $(PIP_FLAGS) --no-build-isolation $(DEEPSPEED)
 	touch $@
 
+$(OPTIMUM_VENV)/.installed:
+	$(PYTHON) -m venv $(OPTIMUM_VENV)
+	$(OPTIMUM_VENV)/bin/pip install $(PIP_FLAGS) $(TORCH)
+	$(OPTIMUM_VENV)/bin/pip install $(PIP_FLAGS) $(OPTIMUM)
+	touch $@
+
 demo: $(VENV)/.installed
 	$(VENV)/bin/python examples/demo.py demo-out
 
@@ -81,8 +90,9 @@ test: $(VENV)/.installed $(VENV)/.installed-mindspore $(VENV)/.installed-nanotro
 		$(LLAVA_VENV)/.installed $(DEEPSPEED_VENV)/.installed
 	$(VENV)/bin/python -m pytest -q
 
-bench: $(VENV)/.installed $(LITGPT_VENV)/.installed
+bench: $(VENV)/.installed $(LITGPT_VENV)/.installed $(OPTIMUM_VENV)/.installed
 	$(VENV)/bin/python bench/bench_convert.py
+	$(VENV)/bin/python bench/bench_onnx.py
 
 clean:
 	rm -rf demo-out .pytest_cache

@@ -115,6 +115,12 @@ SCALES = {
         hidden=4096, layers=4, heads=32, kv_heads=8, intermediate=14336, vocab=128256,
         tokenizer_vocab=128000, max_pos=8192, shard_bytes=1_000_000_000,
     ),
+    # Llama-3.2-1B widths (untied head, so 1.5 B parameters), for bench_onnx.py
+    "1b": dict(
+        org="weightport-bench", name="weightport-bench-llama3-1b", litgpt_builtin=False,
+        hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=128256,
+        tokenizer_vocab=128000, max_pos=8192, shard_bytes=5_000_000_000,
+    ),
     # Tiny smoke test; small shards so that sharding (and q/k/v split across shards) is exercised.
     "small": dict(
         org="weightport-bench", name="weightport-bench-tiny-llama", litgpt_builtin=False,
