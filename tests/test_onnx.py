@@ -51,6 +51,16 @@ def test_onnx_runtime_logits_equal_transformers(key, tmp_path):
     assert (out / "model.onnx").stat().st_size < 200_000  # the graph only; the weights are external data
 
 
+def test_from_another_format_in_one_command(tmp_path):
+    """Any source format: a LitGPT checkpoint (fused qkv, its own names) to ONNX."""
+    src = build_hf("qwen2", tmp_path / "hf")
+    api.convert(src, tmp_path / "lit", "litgpt")
+    plan = api.convert(tmp_path / "lit", tmp_path / "onnx", "onnx")
+    assert plan.source.format.name == "litgpt"
+    got = session(tmp_path / "onnx").run(["logits"], feed(TOKENS))[0]
+    assert np.abs(got - hf_logits(src).numpy()).max() < 1e-5
+
+
 def test_the_sliding_window_is_in_the_graph(tmp_path):
     """Mistral's window of 8 over 20 tokens: exporting the same weights without it gives other logits."""
     src = build_hf("mistral", tmp_path / "hf")

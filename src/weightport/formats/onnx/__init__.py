@@ -106,7 +106,8 @@ class OnnxFormat(Format):
             for f in files:
                 f.close()
             raise
-        return Checkpoint(path=path, format=self, variant="model.onnx + external data", model=model, source=source,
+        variant = " + ".join(e["file"] for e in manifest["graphs"].values()) + " + external data"
+        return Checkpoint(path=path, format=self, variant=variant, model=model, source=source,
                           rules=onnx_rules(model), side_files=find_side_files(directory),
                           generation_config=_optional_json(directory / "generation_config.json"))
 
