@@ -82,7 +82,8 @@ def main(argv=None) -> int:
              f"`bench/bench_onnx.py --scale {args.scale}{' --with-8b' if args.with_8b else ''}` on "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} (weightport git {commit}; optimum venv: {versions}). "
              "Random bf16 Llama checkpoints (untied head) generated as in bench_convert.py; the input is evicted "
-             "from the page cache before each command; each tool exports with a KV cache.", ""]
+             "from the page cache before each command; each tool exports with a KV cache; a tool whose anonymous RSS "
+             "passes 20 GiB is stopped (the memory guard: this machine has 24 GB).", ""]
     lines += section(args, args.scale, "float32", args.workdir)
     if args.with_8b:
         lines += section(args, "full", "bfloat16", args.workdir)

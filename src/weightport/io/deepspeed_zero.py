@@ -48,6 +48,8 @@ def is_zero_checkpoint(path: Path) -> bool:
 def _load(path: Path) -> dict:
     try:
         obj = load_weights_only(path)
+    except WeightportError:
+        raise
     except Exception as e:  # noqa: BLE001 - one clear line for any unreadable rank file
         raise WeightportError(f"{path}: cannot read DeepSpeed state ({str(e).strip().splitlines()[0]})") from None
     if not isinstance(obj, dict):

@@ -14,12 +14,14 @@ import ctypes
 import mmap
 import pickle
 import struct
+import warnings
 import zipfile
 from pathlib import Path
 
 import torch
 
 from ..errors import WeightportError
+from .pickle_scan import globals_in_torch_zip
 from .pread import RangeFile
 
 _PAGE = mmap.PAGESIZE
@@ -94,14 +96,41 @@ class Inert:
         self.state = state
 
 
-def load_weights_only(path: Path) -> object:
-    """torch.load(weights_only=True, mmap=True), with training bookkeeping globals as Inert."""
+def _torch_allowed() -> set[str]:
+    """The globals torch's weights-only unpickler itself allows (bytes, sets, OrderedDict, ...)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        if not names or any(n.split(".")[0] not in INERT_PACKAGES and n not in INERT_GLOBALS for n in names):
-            raise
+        from torch._weights_only_unpickler import _get_allowed_globals
+        return set(_get_allowed_globals())
+    except (ImportError, AttributeError):  # a private helper: its few non-torch entries as of torch 2.13
+        return {"collections.OrderedDict", "collections.Counter", "_codecs.encode", "builtins.bytearray",
+                "builtins.set", "builtins.complex"}
+
+
+def _inert(name: str) -> bool:
+    return name.split(".")[0] in INERT_PACKAGES or name in INERT_GLOBALS
+
+
+def load_weights_only(path: Path) -> object:
+    """torch.load(weights_only=True, mmap=True), with training bookkeeping globals as Inert.
+
+    A pickle that calls anything else is refused, naming what it would call (read from its
+    opcodes, never by running it)."""
+    try:
+        with warnings.catch_warnings():  # a protocol-4 pickle is refused below, not warned about
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        refusal = str(e).strip().splitlines()
+    allowed = _torch_allowed()
+    unsafe = [n for n in globals_in_torch_zip(path) if not _inert(n) and n not in allowed]
+    try:  # the globals torch's own allowlist lacks: those get stand-ins
+        names = [] if unsafe else torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (pickle.UnpicklingError, EOFError, ValueError):
+        names = []
+    if unsafe or not names or not all(_inert(n) for n in names):
+        detail = (f"it would call {', '.join(unsafe)}" if unsafe else
+                  next((ln for ln in refusal if "Unsupported" in ln or "global" in ln.lower()), refusal[0] if refusal else ""))
+        raise WeightportError(f"{path}: refused, the pickle is not weights-only and would run code ({detail.strip()})")
     stand_ins = [(type(n.rsplit(".", 1)[-1], (Inert,), {"__module__": "weightport.inert"}), n) for n in names]
     with torch.serialization.safe_globals(stand_ins):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -118,12 +147,7 @@ class TorchFile(RangeFile):
                 "re-save it with torch.save, or convert it to safetensors first")
         try:
             obj = load_weights_only(self.path)
-        except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()
-            detail = next((ln for ln in first if "Unsupported" in ln or "global" in ln.lower()), first[0] if first else "")
-            raise WeightportError(
-                f"{self.path}: refused, the pickle is not weights-only and would run code ({detail.strip()})") from None
-        except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
             raise WeightportError(f"{self.path}: cannot read torch checkpoint ({str(e).splitlines()[0]})") from None
         self._tensors = _flatten_state(obj, self.path)
         self.entries = {k: (tuple(v.shape), v.dtype) for k, v in self._tensors.items()}
