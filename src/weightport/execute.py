@@ -3,22 +3,15 @@ directory that is renamed into place only when everything, metadata included, is
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections import Counter
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from .errors import WeightportError
 from .hub import HubTensors
 from .ops import Identity
 from .plan import Plan, check_float16
-
-
-def temp_sibling(out_dir: Path) -> Path:
-    return out_dir.parent / f".{out_dir.name}.weightport-partial-{os.getpid()}"
+from .staging import staged
 
 
 # a tensor that only changes name (and maybe dtype) is copied in pieces of this size, so
@@ -27,36 +20,21 @@ CHUNK_BYTES = 64 * 2**20
 
 
 def execute(plan: Plan, *, force: bool = False, allow_overflow: bool = False, progress: bool = True) -> list[str]:
-    """Writes the plan's output; returns the non-tensor files written."""
-    out_dir = plan.out_dir
-    tmp = temp_sibling(out_dir)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    writer = None
-    try:
+    """Writes the plan's output; returns the non-tensor files written. What interrupted runs to
+    the same output left behind is cleaned first, and said in plan.notes."""
+    with staged(plan.out_dir, force) as (tmp, cleaned):
+        plan.notes += cleaned
         writer = plan.target.writer(tmp, plan.files)
-        _stream(plan, writer, allow_overflow, progress)
-        writer.close()
-        writer = None
+        try:
+            _stream(plan, writer, allow_overflow, progress)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
         model, dtype = plan.source.model, _output_dtype(plan)
         side = plan.target.write_index(tmp, plan.files, model, dtype, plan.options)
         side += plan.target.write_metadata(tmp, plan.source, model, dtype, plan.options)
-        _fsync_dir(tmp)
-        if out_dir.exists():
-            if not force:
-                raise WeightportError(f"{out_dir}: appeared while converting; not replaced (pass --force)")
-            _remove(out_dir)
-        os.replace(tmp, out_dir)
-        _fsync_dir(out_dir.parent)
-        return side
-    except OSError as e:
-        raise WeightportError(f"{e.filename or out_dir}: write failed ({e.strerror or e}); no output was left") from None
-    finally:
-        if writer is not None:
-            writer.abort()
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    return side
 
 
 def _output_dtype(plan: Plan) -> torch.dtype:
@@ -136,23 +114,3 @@ def _stream_rename(step, hub: HubTensors, writer, planned, allow_overflow) -> bo
         source.release(name)
     hub.skip(step.inputs[0])
     return True
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

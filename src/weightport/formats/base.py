@@ -12,6 +12,7 @@ import torch
 from ..archs import Model
 from ..io import TensorSource
 from ..rules import Rule
+from ..staging import PARTIAL
 
 # files a tokenizer may consist of, in any of the formats we handle; copied verbatim
 TOKENIZER_FILES = (
@@ -180,8 +181,8 @@ def final_dir(directory: Path) -> Path:
     """The path an output directory will have: execute writes into .<name>.weightport-partial-<pid>
     and renames it at the end, and some configs must name the final path."""
     name = directory.name
-    if name.startswith(".") and ".weightport-partial-" in name:
-        name = name[1:].rsplit(".weightport-partial-", 1)[0]
+    if name.startswith(".") and PARTIAL in name:
+        name = name[1:].rsplit(PARTIAL, 1)[0]
     return (directory.parent / name).resolve()
 
 

@@ -10,17 +10,15 @@ into place when complete.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import yaml
 
 from ..archs import model_from_hf_config
 from ..errors import WeightportError
-from ..execute import temp_sibling
 from ..formats.litgpt_config import to_hf
 from ..io.safetensors_file import SafetensorsStreamWriter
+from ..staging import staged
 from .litgpt import HPARAMS, LORA_FILE, read_litgpt
 
 PREFIX = "base_model.model."
@@ -39,35 +37,28 @@ def litgpt_lora_to_peft(src: Path, out: Path, force: bool = False) -> list[str]:
     with open(lora_dir / HPARAMS, encoding="utf-8") as f:
         hp = yaml.safe_load(f) or {}
     adapter = read_litgpt(src, base)
-    tmp = temp_sibling(out)
     try:
         if out.exists() and not force:
             raise WeightportError(f"{out}: already exists; pass --force to replace it")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        names = [(f"{PREFIX}{d.module}.lora_{ab}.weight", getattr(d, ab.lower())) for d in adapter.deltas for ab in "AB"]
-        writer = SafetensorsStreamWriter(tmp / "adapter_model.safetensors",
-                                         [(n, adapter.source.tensors[s].shape, adapter.source.tensors[s].dtype)
-                                          for n, s in names], {"format": "pt"})
-        for n, s in names:
-            writer.write(n, adapter.source.load(s).contiguous())
-        writer.close()
-        targets = sorted({d.module.rsplit(".", 1)[1] for d in adapter.deltas})
-        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(hp["lora_r"]),
-                  "lora_alpha": hp["lora_alpha"], "lora_dropout": float(hp.get("lora_dropout", 0.0)),
-                  "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
-                  "use_dora": False, "modules_to_save": None, "inference_mode": True,
-                  "base_model_name_or_path": str(hp.get("checkpoint_dir", "")) or None}
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        with staged(out, force) as (tmp, _):
+            names = [(f"{PREFIX}{d.module}.lora_{ab}.weight", getattr(d, ab.lower())) for d in adapter.deltas
+                     for ab in "AB"]
+            writer = SafetensorsStreamWriter(tmp / "adapter_model.safetensors",
+                                             [(n, adapter.source.tensors[s].shape, adapter.source.tensors[s].dtype)
+                                              for n, s in names], {"format": "pt"})
+            for n, s in names:
+                writer.write(n, adapter.source.load(s).contiguous())
+            writer.close()
+            targets = sorted({d.module.rsplit(".", 1)[1] for d in adapter.deltas})
+            config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(hp["lora_r"]),
+                      "lora_alpha": hp["lora_alpha"], "lora_dropout": float(hp.get("lora_dropout", 0.0)),
+                      "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+                      "use_dora": False, "modules_to_save": None, "inference_mode": True,
+                      "base_model_name_or_path": str(hp.get("checkpoint_dir", "")) or None}
+            (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         return [d.module for d in adapter.deltas]
     finally:
         adapter.source.close()
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 __all__ = ["LORA_FILE", "litgpt_lora_to_peft"]
