@@ -216,7 +216,7 @@ def test_safetensors_container_loads_in_mindspore_and_comes_back_exact(tmp_path,
     proc = run_cli("convert", hf_dir, ms, "--to", "mindspore", "--container", "safetensors", "-q")
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in ms.iterdir()) == ["config.json", "generation_config.json", "mindformers.yaml",
-                                                   "model.safetensors"]
+                                                   "model.safetensors", "weightport-manifest.json"]
     from safetensors import safe_open
     with safe_open(ms / "model.safetensors", "pt") as f:
         assert f.metadata() == {"format": "ms"}

@@ -99,7 +99,7 @@ def test_tree_and_metadata_strings_at_tp2(hf_src, tmp_path):
                          for m in ("attn/qkv_proj", "attn/o_proj", "mlp/gate_up_proj", "mlp/down_proj")]
     files = sorted(str(p.relative_to(nt)) for p in nt.rglob("*") if p.is_file())
     assert files == sorted(expected + ["checkpoint_metadata.json", "config.json", "config.yaml",
-                                       "generation_config.json", "model_config.json"])
+                                       "generation_config.json", "model_config.json", "weightport-manifest.json"])
 
     full = "None,None,None"
     want = {

@@ -233,7 +233,7 @@ def test_tree_and_metadata_strings_at_tp2(hf_src, tmp_path):
                                                           "mlp/down_proj") for s in shard]
     files = sorted(str(p.relative_to(nt)) for p in nt.rglob("*") if p.is_file())
     assert files == sorted(expected + ["checkpoint_metadata.json", "config.json", "config.yaml",
-                                       "generation_config.json", "model_config.json"])
+                                       "generation_config.json", "model_config.json", "weightport-manifest.json"])
 
     e = f"{NV}/encoder/1"
     want = {  # file under the checkpoint -> (unsharded_shape, pairs of rank 0, pairs of rank 1)

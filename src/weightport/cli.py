@@ -131,8 +131,11 @@ def _parser() -> argparse.ArgumentParser:
                                    "same captions (or random tokens when there is no tokenizer) and their logits, "
                                    "top-1 predictions and caption loss are compared against a per-dtype tolerance. "
                                    "Exit code 0 only when the verdict is 'equivalent'.")
-    v.add_argument("a", metavar="A", help="reference checkpoint (directory or file)")
-    v.add_argument("b", metavar="B", help="checkpoint to check against A")
+    v.add_argument("a", metavar="A", nargs="?", help="reference checkpoint (directory or file)")
+    v.add_argument("b", metavar="B", nargs="?", help="checkpoint to check against A")
+    v.add_argument("--manifest", metavar="OUT",
+                   help="instead of comparing A and B: re-hash OUT's files and tensors against the "
+                        "weightport-manifest.json written with it, and report every file and tensor changed since")
     v.add_argument("--from-a", dest="format_a", metavar="FORMAT", choices=list(formats.FORMATS),
                    help="format of A, when detection should be overridden")
     v.add_argument("--from-b", dest="format_b", metavar="FORMAT", choices=list(formats.FORMATS),
@@ -281,6 +284,16 @@ def _build(args) -> int:
 
 
 def _verify(args) -> int:
+    if args.manifest:
+        if args.a or args.b:
+            raise WeightportError("verify --manifest OUT takes no A and B")
+        from .provenance import check_manifest
+
+        result = check_manifest(args.manifest)
+        print(result.render())
+        return 0 if result.intact else 1
+    if not (args.a and args.b):
+        raise WeightportError("verify needs A and B (or --manifest OUT)")
     report = verify.verify(args.a, args.b, format_a=args.format_a, format_b=args.format_b, data=args.data,
                            samples=args.samples, runtime=args.runtime, runtime_python=args.runtime_python,
                            tokenizer=args.tokenizer, tensors_only=args.tensors_only,

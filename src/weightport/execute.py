@@ -11,6 +11,7 @@ from tqdm import tqdm
 from .hub import HubTensors
 from .ops import Identity
 from .plan import Plan, check_float16
+from .provenance import MANIFEST, HashingWriter, write_manifest
 from .staging import staged
 
 
@@ -23,8 +24,7 @@ def execute(plan: Plan, *, force: bool = False, allow_overflow: bool = False, pr
     """Writes the plan's output; returns the non-tensor files written. What interrupted runs to
     the same output left behind is cleaned first, and said in plan.notes."""
     with staged(plan.out_dir, force) as (tmp, cleaned):
-        plan.notes += cleaned
-        writer = plan.target.writer(tmp, plan.files)
+        writer = HashingWriter(plan.target.writer(tmp, plan.files))
         try:
             _stream(plan, writer, allow_overflow, progress)
             writer.close()
@@ -34,7 +34,9 @@ def execute(plan: Plan, *, force: bool = False, allow_overflow: bool = False, pr
         model, dtype = plan.source.model, _output_dtype(plan)
         side = plan.target.write_index(tmp, plan.files, model, dtype, plan.options)
         side += plan.target.write_metadata(tmp, plan.source, model, dtype, plan.options)
-    return side
+        write_manifest(tmp, plan, writer.hashes)
+    plan.notes += cleaned  # about this run, not the output: after the manifest, which is the same every run
+    return side + [MANIFEST]
 
 
 def _output_dtype(plan: Plan) -> torch.dtype:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
+
 from .errors import WeightportError
 
 
@@ -20,9 +22,26 @@ def load_json(path: Path) -> dict:
         raise WeightportError(f"{path}: not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise WeightportError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise WeightportError(f"{path}: not valid JSON (nested too deep)") from None
     if not isinstance(data, dict):
         raise WeightportError(f"{path}: expected a JSON object")
     return data
+
+
+def load_yaml(path: Path, what: str = "YAML"):
+    """A YAML file's data (safe_load: plain types only); bad or hostile text is one WeightportError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except FileNotFoundError:
+        raise WeightportError(f"{path}: not found") from None
+    except yaml.YAMLError as e:
+        raise WeightportError(f"{path}: not valid {what} ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError as e:
+        raise WeightportError(f"{path}: not valid {what} (not UTF-8: {e.reason})") from None
+    except RecursionError:
+        raise WeightportError(f"{path}: not valid {what} (nested too deep)") from None
 
 
 def rope_theta(cfg: dict, default: float = 10000.0) -> float:

@@ -14,11 +14,11 @@ import argparse
 import os
 import shutil
 
-import yaml
 from pathlib import Path
 
 from . import api
 from .errors import WeightportError
+from .hf_config import load_yaml
 from .formats.mindformers import BY_ARCH, NAME_SETS
 from .formats.mindformers import from_yaml as mindformers_yaml
 
@@ -111,11 +111,7 @@ def _layout(args) -> str | None:
     (--config); its Llama family from --qkv_concat (the >= 1.5 interleaved fusion)."""
     concat = args.qkv_concat
     if args.config:
-        try:
-            with open(args.config, encoding="utf-8") as f:
-                data = yaml.safe_load(f)
-        except (OSError, yaml.YAMLError) as e:
-            raise WeightportError(f"--config {args.config}: cannot read ({str(e).splitlines()[0]})") from None
+        data = load_yaml(Path(args.config))
         _, layout = mindformers_yaml(data if isinstance(data, dict) else {}, args.config)
         if layout is not None:
             return layout

@@ -24,7 +24,7 @@ _BY_MODEL_TYPE = {a.model_type: a for a in ARCHS.values()}
 def model_from_hf_config(config: dict, where: str) -> Model:
     """The Model a Hugging Face config.json describes; `where` names the file for errors."""
     model_type = config.get("model_type")
-    arch = _BY_MODEL_TYPE.get(model_type)
+    arch = _BY_MODEL_TYPE.get(model_type) if isinstance(model_type, str) else None
     if arch is None and model_type is None:
         # some remote-code configs (CogVLM2's) carry no model_type; their class names are unique
         by_class = [a for a in ARCHS.values() if a.hf_class in (config.get("architectures") or [])]
@@ -38,7 +38,20 @@ def model_from_hf_config(config: dict, where: str) -> Model:
         raise WeightportError(f"{where}: config for {arch.name} lacks or mistypes {e}") from None
     except WeightportError as e:
         raise WeightportError(f"{where}: {e}") from None
+    except (ValueError, ZeroDivisionError, AttributeError) as e:
+        raise WeightportError(f"{where}: config for {arch.name} has an impossible value ({e})") from None
+    _check_sizes(dims, where)
     return Model(arch, config, dims)
+
+
+def _check_sizes(dims: Dims, where: str) -> None:
+    """Every size a positive integer (experts: zero or more), before any shape is computed from it."""
+    for name, value in vars(dims).items():
+        if name == "tied":
+            continue
+        least = 0 if name == "n_expert" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise WeightportError(f"{where}: config gives {name} = {value!r}; it must be an integer >= {least}")
 
 
 __all__ = ["ARCHS", "Arch", "Dims", "Model", "model_from_hf_config"]

@@ -15,7 +15,7 @@ import yaml
 from ..archs import Model, model_from_hf_config
 from ..archs.llama_family import NAMES as LLAMA_FAMILY
 from ..errors import WeightportError
-from ..hf_config import load_json
+from ..hf_config import load_json, load_yaml
 from ..io import open_files
 from ..io.torch_file import TorchZipWriter
 from ..ops import Chain, Concat, GroupInterleave, Identity, Split, Tie
@@ -76,14 +76,7 @@ def _find(path: Path) -> tuple[Path, Path]:
 
 
 def _read_litgpt_config(path: Path) -> dict:
-    try:
-        if path.suffix == ".json":
-            data = load_json(path)
-        else:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise WeightportError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    data = load_json(path) if path.suffix == ".json" else load_yaml(path)
     if not isinstance(data, dict):
         raise WeightportError(f"{path}: expected a mapping of LitGPT config fields")
     data = {LEGACY_KEYS.get(k, k): v for k, v in data.items()}

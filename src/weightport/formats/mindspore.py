@@ -15,7 +15,7 @@ import yaml
 
 from ..archs import Model, model_from_hf_config
 from ..errors import WeightportError
-from ..hf_config import load_json
+from ..hf_config import load_json, load_yaml
 from ..io import open_files
 from ..io.ms_ckpt import MsCkptWriter
 from ..io.safetensors_file import safetensors_metadata
@@ -147,11 +147,7 @@ def _read_config(directory: Path) -> tuple[Model, str | None, list[str]]:
         yaml_path = candidates[0] if len(candidates) == 1 else None
     mf = None
     if yaml_path is not None:
-        try:
-            with open(yaml_path, encoding="utf-8") as f:
-                mf = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise WeightportError(f"{yaml_path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        mf = load_yaml(yaml_path)
         if not isinstance(mf, dict):
             raise WeightportError(f"{yaml_path}: expected a MindFormers config mapping")
         recorded = (mf.get("weightport") or {}).get("layout")

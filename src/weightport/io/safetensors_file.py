@@ -31,7 +31,7 @@ def safetensors_metadata(path: Path) -> dict:
             if n > _MAX_HEADER:
                 return {}
             meta = json.loads(f.read(n)).get("__metadata__")
-    except (OSError, struct.error, ValueError, AttributeError):
+    except (OSError, struct.error, ValueError, AttributeError, RecursionError):
         return {}
     return meta if isinstance(meta, dict) else {}
 
@@ -63,6 +63,8 @@ class SafetensorsFile(RangeFile):
             header = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise self._fail("corrupt safetensors header (not JSON)") from None
+        except RecursionError:
+            raise self._fail("corrupt safetensors header (JSON nested too deep)") from None
         if not isinstance(header, dict):
             raise self._fail("corrupt safetensors header (not a JSON object)")
         self.metadata = header.pop("__metadata__", None) or {}

@@ -141,7 +141,7 @@ class TorchFile(RangeFile):
 
     def __init__(self, path: Path):
         super().__init__(path)
-        if not zipfile.is_zipfile(self.path):
+        if not _is_zip(self.path):
             raise WeightportError(
                 f"{self.path}: not a zip-format torch checkpoint (legacy or truncated file); "
                 "re-save it with torch.save, or convert it to safetensors first")
@@ -203,6 +203,13 @@ class TorchFile(RangeFile):
     def close(self) -> None:
         self._tensors = {}
         super().close()
+
+
+def _is_zip(path: Path) -> bool:
+    try:
+        return zipfile.is_zipfile(path)
+    except zipfile.BadZipFile:  # an end record that claims multiple disks, and the like
+        return False
 
 
 def _data_records(path: Path) -> list[tuple[int, int]]:

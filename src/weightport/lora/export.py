@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
 
 from ..archs import model_from_hf_config
 from ..errors import WeightportError
+from ..hf_config import load_yaml
 from ..formats.litgpt_config import to_hf
 from ..io.safetensors_file import SafetensorsStreamWriter
 from ..staging import staged
@@ -31,11 +31,9 @@ def litgpt_lora_to_peft(src: Path, out: Path, force: bool = False) -> list[str]:
     if not config_yaml.is_file():
         raise WeightportError(f"{lora_dir}: no model_config.yaml (the base model's LitGPT config, which "
                               "litgpt finetune_lora writes beside the adapter)")
-    with open(config_yaml, encoding="utf-8") as f:
-        # LitGPT's config has no tying flag; an untied base has every layer a LoRA can target
-        base = model_from_hf_config(to_hf(yaml.safe_load(f) or {}, tied=False), str(config_yaml))
-    with open(lora_dir / HPARAMS, encoding="utf-8") as f:
-        hp = yaml.safe_load(f) or {}
+    # LitGPT's config has no tying flag; an untied base has every layer a LoRA can target
+    base = model_from_hf_config(to_hf(load_yaml(config_yaml) or {}, tied=False), str(config_yaml))
+    hp = load_yaml(lora_dir / HPARAMS) or {}
     adapter = read_litgpt(src, base)
     try:
         if out.exists() and not force:

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 
 from ..archs import Model
 from ..errors import WeightportError
+from ..hf_config import load_yaml
 from ..io import open_files
 from ..io.parts import Made, PartsSource
 from ..ops import Concat, Identity
@@ -37,8 +37,7 @@ def read_litgpt(path: Path, base: Model) -> Adapter:
     hparams_path = lora_file.parent / HPARAMS
     if not hparams_path.is_file():
         raise WeightportError(f"{lora_file.parent}: no {HPARAMS} (it holds lora_r and lora_alpha)")
-    with open(hparams_path, encoding="utf-8") as f:
-        hp = yaml.safe_load(f) or {}
+    hp = load_yaml(hparams_path) or {}
     try:
         r, alpha = int(hp["lora_r"]), float(hp["lora_alpha"])
     except (KeyError, TypeError, ValueError):

@@ -18,7 +18,7 @@ import yaml
 from ...archs import Model, model_from_hf_config
 from ...dtypes import short_name
 from ...errors import WeightportError
-from ...hf_config import load_json
+from ...hf_config import load_json, load_yaml
 from ...io.nanotron_shards import (VERSION, VERSIONS, NanotronSource, NanotronWriter, ShardFile, Sharding,
                                    file_name, local_shape, shard_metadata, shard_pairs)
 from ...rules import Rule
@@ -132,9 +132,8 @@ def _read_config(path: Path) -> tuple[Model, int, bool | None, list[str]]:
     elif (path / YAML).is_file():
         where = path / YAML
         try:
-            with open(where, encoding="utf-8") as f:
-                nt = ((yaml.safe_load(f) or {}).get("model") or {}).get("model_config")
-        except (yaml.YAMLError, AttributeError) as e:
+            nt = ((load_yaml(where, "Nanotron config") or {}).get("model") or {}).get("model_config")
+        except AttributeError as e:
             raise WeightportError(f"{where}: not a Nanotron config ({str(e).splitlines()[0]})") from None
     else:
         raise WeightportError(f"{path}: no {MODEL_CONFIG} or {YAML}")

@@ -1,0 +1,165 @@
+"""weightport-manifest.json: what an output was made from and how, with a sha256 of every file and
+of every tensor as it was handed to the writer; and the check that re-hashes an output against it.
+
+Tensor hashes are taken while streaming (the bytes are in memory anyway); file hashes once the
+files are closed. `check_manifest` re-reads both: a file whose bytes changed is reported by name,
+and each tensor weightport's reader for the format can name is re-hashed and reported by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .dtypes import short_name
+from .errors import WeightportError
+from .ops import Identity
+
+MANIFEST = "weightport-manifest.json"
+_BLOCK = 16 * 2**20
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+class HashingWriter:
+    """Passes tensors to a format's writer, hashing each one's bytes on the way."""
+
+    def __init__(self, writer):
+        self.writer = writer
+        self.hashes: dict[str, str] = {}
+        if hasattr(writer, "write_chunks"):
+            self.write_chunks = self._write_chunks
+
+    def write_group(self, names, tensors):
+        for name, t in zip(names, tensors):
+            self.hashes[name] = tensor_sha256(t)
+        self.writer.write_group(names, tensors)
+
+    def _write_chunks(self, name, shape, dtype, chunks):
+        h = hashlib.sha256()
+
+        def hashed():
+            for piece in chunks:
+                h.update(memoryview(piece.contiguous().reshape(-1).view(torch.uint8).numpy()))
+                yield piece
+
+        self.writer.write_chunks(name, shape, dtype, hashed())
+        self.hashes[name] = h.hexdigest()
+
+    def close(self):
+        self.writer.close()
+
+    def abort(self):
+        self.writer.abort()
+
+
+def write_manifest(directory: Path, plan, tensor_hashes: dict[str, str]) -> None:
+    """The manifest of a finished output directory (every file in it is hashed)."""
+    source = plan.source
+    files = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    where = {t.name: f.name for f in plan.files for t in f.tensors}
+    steps = [s.describe() for s in plan.read_steps + plan.write_steps if not isinstance(s.op, Identity)]
+    manifest = {
+        # no timestamp: the same conversion writes the same bytes, manifest included
+        "tool": "weightport", "version": __version__,
+        "source": {"path": str(Path(source.path).resolve()), "format": source.format.name, "variant": source.variant,
+                   "files": [{"name": str(Path(p).resolve()), "bytes": p.stat().st_size} for p in source.source.files]},
+        "target": {"format": plan.target.name, "layout": plan.layout, "tp": plan.options.tp, "pp": plan.options.pp},
+        "model": {"arch": source.model.arch.name, "hf_class": source.model.arch.hf_class},
+        "dtype_policy": "keep each tensor's source dtype" if plan.dtype is None else f"floating point as {short_name(plan.dtype)}",
+        "rules": {"renamed": sum(isinstance(s.op, Identity) for s in plan.write_steps), "changed": steps},
+        "dropped": dict(plan.dropped), "notes": source.notes + plan.notes, "warnings": plan.warnings,
+        "files": files,
+        "tensors": {t.name: {"file": where[t.name], "dtype": short_name(t.dtype), "shape": list(t.shape),
+                             "sha256": tensor_hashes[t.name]} for t in plan.outputs if t.name in tensor_hashes},
+    }
+    with open(directory / MANIFEST, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+        f.write("\n")
+
+
+@dataclass
+class ManifestCheck:
+    directory: Path
+    files_checked: int = 0
+    tensors_checked: int = 0
+    tensors_total: int = 0
+    changed_files: list[str] = field(default_factory=list)
+    missing_files: list[str] = field(default_factory=list)
+    changed_tensors: list[str] = field(default_factory=list)
+    reader_error: str | None = None
+
+    @property
+    def intact(self) -> bool:
+        return not (self.changed_files or self.missing_files or self.changed_tensors or self.reader_error)
+
+    def render(self) -> str:
+        lines = [f"manifest: {self.directory / MANIFEST}",
+                 f"files:    {self.files_checked} re-hashed, {len(self.changed_files)} changed, "
+                 f"{len(self.missing_files)} missing",
+                 f"tensors:  {self.tensors_checked} of {self.tensors_total} re-hashed through weightport's reader, "
+                 f"{len(self.changed_tensors)} changed"]
+        lines += [f"changed file:   {n}" for n in self.changed_files]
+        lines += [f"missing file:   {n}" for n in self.missing_files]
+        lines += [f"changed tensor: {n}" for n in self.changed_tensors]
+        if self.reader_error:
+            lines.append(f"unreadable:     {self.reader_error}")
+        lines.append(f"verdict:  {'intact' if self.intact else 'CHANGED since it was written'}")
+        return "\n".join(lines)
+
+
+def check_manifest(directory: str | Path) -> ManifestCheck:
+    from .api import open_checkpoint
+
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise WeightportError(f"{directory}: no {MANIFEST} to check against")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        files, tensors, target = manifest["files"], manifest["tensors"], manifest["target"]["format"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise WeightportError(f"{path}: not a weightport manifest ({e})") from None
+    result = ManifestCheck(directory, tensors_total=len(tensors))
+    for name, entry in files.items():
+        f = directory / name
+        if not f.is_file():
+            result.missing_files.append(name)
+            continue
+        result.files_checked += 1
+        if f.stat().st_size != entry["bytes"] or file_sha256(f) != entry["sha256"]:
+            result.changed_files.append(name)
+    if result.missing_files:
+        return result
+    try:
+        ckpt = open_checkpoint(directory, target)
+    except WeightportError as e:  # changed beyond reading: the file hashes above say which
+        result.reader_error = str(e)
+        return result
+    try:
+        stored = ckpt.source.tensors
+        for name, entry in tensors.items():
+            if name not in stored:
+                continue  # a name the format's reader does not give back: its file's hash still covers it
+            result.tensors_checked += 1
+            if tensor_sha256(ckpt.source.load(name)) != entry["sha256"]:
+                result.changed_tensors.append(name)
+    finally:
+        ckpt.close()
+    return result
