@@ -24,7 +24,7 @@ DEEPSPEED ?= deepspeed==0.19.8
 LLAVA_DEPS ?= transformers==4.37.2 tokenizers==0.15.1 accelerate==0.21.0 sentencepiece protobuf pillow "numpy<2" safetensors einops
 PIP_FLAGS ?= --quiet --disable-pip-version-check
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench fuzz clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -93,6 +93,16 @@ test: $(VENV)/.installed $(VENV)/.installed-mindspore $(VENV)/.installed-nanotro
 bench: $(VENV)/.installed $(LITGPT_VENV)/.installed $(OPTIMUM_VENV)/.installed
 	$(VENV)/bin/python bench/bench_convert.py
 	$(VENV)/bin/python bench/bench_onnx.py
+
+# coverage-guided fuzzing of every reader; what it finds worth keeping stays in fuzz/corpus/ and
+# tests/test_fuzz_corpus.py replays it in every test run
+FUZZ_SECONDS ?= 60
+ATHERIS ?= atheris==3.0.0
+fuzz: $(VENV)/.installed
+	$(VENV)/bin/pip install $(PIP_FLAGS) $(ATHERIS)
+	$(VENV)/bin/python fuzz/seed_corpus.py
+	cd fuzz && for t in safetensors torch ckpt config-json litgpt-yaml; do \
+		../$(VENV)/bin/python fuzz_readers.py $$t -max_total_time=$(FUZZ_SECONDS) corpus/$$t || exit 1; done
 
 clean:
 	rm -rf demo-out .pytest_cache

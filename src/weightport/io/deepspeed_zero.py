@@ -23,7 +23,7 @@ import torch
 
 from ..errors import WeightportError
 from .source import AssembledSource, TensorMeta
-from .torch_file import Inert, load_weights_only
+from .torch_file import Inert, first_line, load_weights_only
 
 MODEL_STATES_ZERO2 = "mp_rank_00_model_states.pt"
 MODEL_STATES_ZERO3 = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt")
@@ -51,7 +51,7 @@ def _load(path: Path) -> dict:
     except WeightportError:
         raise
     except Exception as e:  # noqa: BLE001 - one clear line for any unreadable rank file
-        raise WeightportError(f"{path}: cannot read DeepSpeed state ({str(e).strip().splitlines()[0]})") from None
+        raise WeightportError(f"{path}: cannot read DeepSpeed state ({first_line(e)})") from None
     if not isinstance(obj, dict):
         raise WeightportError(f"{path}: holds a {type(obj).__name__}, not DeepSpeed's state dict")
     return obj
