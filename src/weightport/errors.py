@@ -7,3 +7,7 @@ class WeightportError(Exception):
     The message must stand on its own on one line and name the file and, where there is
     one, the tensor involved.
     """
+
+    def __str__(self) -> str:
+        # names come from the files: a tensor called "a\nb" must not break the line
+        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in super().__str__())
