@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import WeightportError
-from .formats.onnx import MANIFEST
+from .formats.onnx import ONNX_MANIFEST
 from .hf_config import load_json
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -31,9 +31,9 @@ class OnnxModel:
         except ImportError as e:
             raise WeightportError(f"weightport run needs {e.name}: pip install 'weightport[onnx]'") from None
         self.directory = Path(directory)
-        manifest_path = self.directory / MANIFEST
+        manifest_path = self.directory / ONNX_MANIFEST
         if not manifest_path.is_file():
-            raise WeightportError(f"{self.directory}: no {MANIFEST}; not a weightport ONNX export")
+            raise WeightportError(f"{self.directory}: no {ONNX_MANIFEST}; not a weightport ONNX export")
         manifest = load_json(manifest_path)
         self.graph = manifest["graphs"]["decoder"]
         self.sizes = manifest["model"]

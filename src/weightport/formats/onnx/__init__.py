@@ -34,7 +34,7 @@ from . import decoder, vision
 from .external_data import ExternalDataFile, ExternalDataWriter, offsets
 
 EMBED = TEXT + "model.embed_tokens.weight"
-GRAPH, DATA, MANIFEST = "model.onnx", "model.onnx.data", "weightport_onnx.json"
+GRAPH, DATA, ONNX_MANIFEST = "model.onnx", "model.onnx.data", "weightport_onnx.json"
 # a LLaVA export's graphs, each with its own data file
 LLAVA_GRAPHS = ("vision", "embed", "decoder")
 # embedding tables, stored as the hub holds them; every other matrix is a Linear weight, stored transposed
@@ -64,7 +64,7 @@ class OnnxFormat(Format):
 
     def detect(self, path: Path) -> bool:
         directory = path if path.is_dir() else path.parent
-        return (directory / MANIFEST).is_file() and (directory / "config.json").is_file()
+        return (directory / ONNX_MANIFEST).is_file() and (directory / "config.json").is_file()
 
     def open(self, path: Path, layout: str | None = None) -> Checkpoint:
         onnx = _require_onnx()
@@ -74,7 +74,7 @@ class OnnxFormat(Format):
 
         torch_dtypes = {v: k for k, v in ONNX_DTYPES.items()}
         located: dict[str, dict] = {}
-        manifest = load_json(directory / MANIFEST)
+        manifest = load_json(directory / ONNX_MANIFEST)
         for name, u in manifest.get("unused_weights", {}).items():
             located.setdefault(u["file"], {})[name] = (u["offset"], u["length"], tuple(u["shape"]),
                                                        parse_dtype(u["dtype"]))
@@ -150,8 +150,9 @@ class OnnxFormat(Format):
         def graph(name: str, data: list[OutputFile]) -> Graph:
             g = Graph(name)
             for f in data:
+                places = offsets(f)
                 for t in f.tensors:
-                    offset, length = offsets(f)[t.name]
+                    offset, length = places[t.name]
                     if name == "vision" and vision.unused(t.name, model.config):
                         unused[t.name] = {"file": f.name, "offset": offset, "length": length,
                                           "dtype": short_name(t.dtype), "shape": list(t.shape)}
@@ -172,8 +173,8 @@ class OnnxFormat(Format):
             g = graph("decoder", files)
             decoder.build(g, text, dtype, with_past=options.with_past)
             manifest["graphs"] = dict([save(g, GRAPH, f"{model.arch.name} decoder", with_past=options.with_past)])
-            write_json(directory / MANIFEST, manifest)
-            return [GRAPH, MANIFEST]
+            write_json(directory / ONNX_MANIFEST, manifest)
+            return [GRAPH, ONNX_MANIFEST]
 
         by_name = {f.name.split(".")[0]: f for f in files}
         g_vision = graph("vision", [by_name["vision"]])
@@ -195,8 +196,8 @@ class OnnxFormat(Format):
                              "connect": "inputs_embeds = embed(input_ids); the rows where input_ids == token_id, "
                                         "tokens_per_image per image in order, are replaced by vision(pixel_values)"}
         manifest["unused_weights"] = unused
-        write_json(directory / MANIFEST, manifest)
-        return ["vision.onnx", "embed.onnx", "decoder.onnx", MANIFEST]
+        write_json(directory / ONNX_MANIFEST, manifest)
+        return ["vision.onnx", "embed.onnx", "decoder.onnx", ONNX_MANIFEST]
 
     def write_metadata(self, directory: Path, source: Checkpoint, model: Model, dtype: torch.dtype,
                        options: WriteOptions) -> list[str]:
