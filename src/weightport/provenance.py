@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,57 +24,82 @@ from .ops import Identity
 
 MANIFEST = "weightport-manifest.json"
 _BLOCK = 16 * 2**20
+HASH_THREADS = min(4, os.cpu_count() or 1)
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
-    return hashlib.sha256(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())).hexdigest()
+    return hashlib.sha256(_bytes(t)).hexdigest()
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            h.update(block)
+    h, buf = hashlib.sha256(), bytearray(_BLOCK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 
 class HashingWriter:
-    """Passes tensors to a format's writer, hashing each one's bytes on the way."""
+    """Passes tensors to a format's writer, hashing each one's bytes on the way.
+
+    The hash runs on a second thread while the writer copies the same bytes (hashlib and file
+    writes both release the GIL), and is finished before each call returns: the caller may release
+    a tensor's memory (mapped pages) as soon as it is written."""
 
     def __init__(self, writer):
         self.writer = writer
         self.hashes: dict[str, str] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="weightport-hash")
         if hasattr(writer, "write_chunks"):
             self.write_chunks = self._write_chunks
 
     def write_group(self, names, tensors):
-        for name, t in zip(names, tensors):
-            self.hashes[name] = tensor_sha256(t)
-        self.writer.write_group(names, tensors)
+        job = self._pool.submit(lambda: [tensor_sha256(t) for t in tensors])
+        try:
+            self.writer.write_group(names, tensors)
+        finally:
+            digests = job.result()
+        self.hashes.update(zip(names, digests))
 
     def _write_chunks(self, name, shape, dtype, chunks):
         h = hashlib.sha256()
+        pending = []
 
         def hashed():
             for piece in chunks:
-                h.update(memoryview(piece.contiguous().reshape(-1).view(torch.uint8).numpy()))
+                for job in pending:  # in order: one piece hashing while the writer writes the next
+                    job.result()
+                pending[:] = [self._pool.submit(h.update, _bytes(piece))]
                 yield piece
 
-        self.writer.write_chunks(name, shape, dtype, hashed())
+        try:
+            self.writer.write_chunks(name, shape, dtype, hashed())
+        finally:
+            for job in pending:
+                job.result()
         self.hashes[name] = h.hexdigest()
 
     def close(self):
+        self._pool.shutdown()
         self.writer.close()
 
     def abort(self):
+        self._pool.shutdown()
         self.writer.abort()
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def write_manifest(directory: Path, plan, tensor_hashes: dict[str, str]) -> None:
     """The manifest of a finished output directory (every file in it is hashed)."""
     source = plan.source
-    files = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    paths = [p for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST]
+    with ThreadPoolExecutor(HASH_THREADS) as pool:  # shards hash side by side, one core each
+        digests = list(pool.map(file_sha256, paths))
+    files = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": d} for p, d in zip(paths, digests)}
     where = {t.name: f.name for f in plan.files for t in f.tensors}
     steps = [s.describe() for s in plan.read_steps + plan.write_steps if not isinstance(s.op, Identity)]
     manifest = {
