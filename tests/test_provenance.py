@@ -67,3 +67,20 @@ def test_no_manifest_is_a_one_line_error(src, tmp_path):
     proc = run_cli("verify", "--manifest", src)
     assert proc.returncode == 1
     assert proc.stderr == f"weightport: error: {src}: no {MANIFEST} to check against\n"
+
+
+@pytest.mark.parametrize("to, extra", [("hf", {}), ("litgpt", {}), ("mindspore", {}), ("onnx", {}),
+                                       ("nanotron", {"tp": 2})])
+def test_data_files_are_hashed_as_written_not_read_back(src, tmp_path, monkeypatch, to, extra):
+    import weightport.provenance as provenance
+
+    read_back = []
+    real = provenance.file_sha256
+    monkeypatch.setattr(provenance, "file_sha256", lambda p: read_back.append(p.name) or real(p))
+    out = tmp_path / "out"
+    api.convert(src, out, to, **extra)
+    data = {f: e["sha256"] for f, e in json.loads((out / MANIFEST).read_text())["files"].items()
+            if f.endswith((".safetensors", ".pth", ".ckpt", ".onnx.data"))}
+    assert data and not {f.rsplit("/", 1)[-1] for f in data} & set(read_back)
+    monkeypatch.undo()
+    assert all(real(out / f) == digest for f, digest in data.items())  # and the digests are the files'

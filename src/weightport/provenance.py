@@ -1,8 +1,8 @@
 """weightport-manifest.json: what an output was made from and how, with a sha256 of every file and
 of every tensor as it was handed to the writer; and the check that re-hashes an output against it.
 
-Tensor hashes are taken while streaming (the bytes are in memory anyway); file hashes once the
-files are closed. `check_manifest` re-reads both: a file whose bytes changed is reported by name,
+Tensor hashes are taken while streaming (the bytes are in memory anyway), and so are the hashes of
+the data files (io/hashed_file.py); only the small files written after them are read back. `check_manifest` re-reads both: a file whose bytes changed is reported by name,
 and each tensor weightport's reader for the format can name is re-hashed and reported by name.
 """
 
@@ -20,6 +20,7 @@ import torch
 from . import __version__
 from .dtypes import short_name
 from .errors import WeightportError
+from .io.hashed_file import digest_if_written
 from .ops import Identity
 
 MANIFEST = "weightport-manifest.json"
@@ -97,8 +98,8 @@ def write_manifest(directory: Path, plan, tensor_hashes: dict[str, str]) -> None
     """The manifest of a finished output directory (every file in it is hashed)."""
     source = plan.source
     paths = [p for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST]
-    with ThreadPoolExecutor(HASH_THREADS) as pool:  # shards hash side by side, one core each
-        digests = list(pool.map(file_sha256, paths))
+    with ThreadPoolExecutor(HASH_THREADS) as pool:  # files not hashed while written: side by side
+        digests = list(pool.map(lambda p: digest_if_written(p) or file_sha256(p), paths))
     files = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": d} for p, d in zip(paths, digests)}
     where = {t.name: f.name for f in plan.files for t in f.tensors}
     steps = [s.describe() for s in plan.read_steps + plan.write_steps if not isinstance(s.op, Identity)]

@@ -23,6 +23,7 @@ import torch
 
 from ..dtypes import itemsize
 from ..errors import WeightportError
+from .hashed_file import HashedFile
 from .pread import RangeFile
 
 # MindSpore's SLICE_SIZE (512 * 1024 KB): the most tensor_content bytes one record holds
@@ -490,7 +491,7 @@ class MsCkptWriter:
         self._crc: int | None = 0 if crc else None
         self._names: set[str] = set()
         try:
-            self._f = open(self.path, "wb")
+            self._f = HashedFile(self.path)
         except OSError as e:
             raise WeightportError(f"{self.path}: cannot write: {e.strerror}") from None
 
@@ -571,7 +572,7 @@ class MsCkptWriter:
     def abort(self) -> None:
         """Close and remove the partial file."""
         try:
-            self._f.close()
+            self._f.abort()
         finally:
             self.path.unlink(missing_ok=True)
 

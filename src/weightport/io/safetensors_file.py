@@ -17,6 +17,7 @@ import torch
 
 from ..dtypes import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS, itemsize
 from ..errors import WeightportError
+from .hashed_file import HashedFile
 from .pread import RangeFile
 
 # a header larger than this is not a checkpoint header but a corrupt length field
@@ -153,7 +154,7 @@ class SafetensorsStreamWriter:
         self.path = Path(path)
         self._expected = list(tensors)
         self._next = 0
-        self._f = open(self.path, "wb")
+        self._f = HashedFile(self.path)
         self._f.write(header_bytes(self._expected, metadata))
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -194,4 +195,4 @@ class SafetensorsStreamWriter:
         self._f.close()
 
     def abort(self) -> None:
-        self._f.close()
+        self._f.abort()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import mmap
+import os
 import pickle
 import struct
 import warnings
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import WeightportError
+from .hashed_file import HashedFile
 from .pickle_scan import globals_in_torch_zip
 from .pread import RangeFile
 
@@ -290,7 +292,8 @@ class TorchZipWriter:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._zip = torch._C.PyTorchFileWriter(str(self.path))
+        self._file = HashedFile(self.path)
+        self._zip = torch._C.PyTorchFileWriter(self._file)
         self._state: dict[str, _TensorRef] = {}
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -314,9 +317,13 @@ class TorchZipWriter:
         self._zip.write_record("data.pkl", data, len(data))
         self._zip.write_record("byteorder", b"little", len(b"little"))
         self._zip.write_end_of_file()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
 
     def abort(self) -> None:
         try:
             self._zip.write_end_of_file()
         except RuntimeError:
             pass
+        self._file.abort()

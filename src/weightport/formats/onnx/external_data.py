@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ...io.hashed_file import HashedFile
 from ...io.pread import RangeFile
 from ..base import OutputFile, Writer
 
@@ -31,7 +32,7 @@ def offsets(file: OutputFile) -> dict[str, tuple[int, int]]:
 class ExternalDataWriter(Writer):
     def __init__(self, directory: Path, files: list[OutputFile]):
         self._places = {name: (directory / f.name, at) for f in files for name, at in offsets(f).items()}
-        self._handles = {f.name: open(directory / f.name, "wb") for f in files}
+        self._handles = {f.name: HashedFile(directory / f.name) for f in files}
 
     def _seek(self, name: str):
         path, (offset, _) = self._places[name]
@@ -56,7 +57,8 @@ class ExternalDataWriter(Writer):
             f.close()
 
     def abort(self):
-        self.close()
+        for f in self._handles.values():
+            f.abort()
 
 
 class ExternalDataFile(RangeFile):
