@@ -84,3 +84,30 @@ def test_data_files_are_hashed_as_written_not_read_back(src, tmp_path, monkeypat
     assert data and not {f.rsplit("/", 1)[-1] for f in data} & set(read_back)
     monkeypatch.undo()
     assert all(real(out / f) == digest for f, digest in data.items())  # and the digests are the files'
+
+
+@pytest.mark.parametrize("to, extra", [("hf", {}), ("litgpt", {}), ("mindspore", {}), ("nanotron", {"tp": 2})])
+def test_no_manifest_writes_the_same_files_and_hashes_nothing(src, tmp_path, monkeypatch, to, extra):
+    import hashlib
+    import shutil
+
+    out = tmp_path / "out"  # one path for every run: Nanotron's config.yaml records it
+
+    def files():
+        return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    api.convert(src, out, to, **extra)
+    with_manifest = files()
+    assert MANIFEST in with_manifest
+    del with_manifest[MANIFEST]
+    shutil.rmtree(out)
+    proc = run_cli("convert", src, out, "--to", to, "--no-manifest", "-q", *(["--tp", str(extra["tp"])] if extra else []))
+    assert proc.returncode == 0, proc.stderr
+    assert files() == with_manifest
+    proc = run_cli("verify", "--manifest", out)
+    assert proc.stderr == f"weightport: error: {out}: no {MANIFEST} to check against\n"
+    shutil.rmtree(out)
+    monkeypatch.setattr(hashlib, "sha256", lambda *a: pytest.fail("hashed although no manifest is written"))
+    api.convert(src, out, to, manifest=False, **extra)
+    monkeypatch.undo()
+    assert files() == with_manifest

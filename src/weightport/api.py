@@ -124,8 +124,9 @@ def convert(src: str | Path, out: str | Path, to: str, *, source_format: str | N
             nanotron_version: str | None = None, llm: str | Path | None = None,
             visual_encoder: str | Path | None = None, to_arch: str | None = None,
             merge_lora: str | Path | None = None, lora_scale: float = 1.0, lora_alpha: float | None = None,
-            with_past: bool = False) -> Plan:
-    """Convert the checkpoint at `src` into format `to` at `out`; returns the executed plan."""
+            with_past: bool = False, manifest: bool = True) -> Plan:
+    """Convert the checkpoint at `src` into format `to` at `out`; returns the executed plan.
+    `manifest=False` writes no weightport-manifest.json and hashes nothing."""
     src, out = Path(src), Path(out)
     if not src.exists():
         raise WeightportError(f"{src}: no such file or directory")
@@ -139,7 +140,7 @@ def convert(src: str | Path, out: str | Path, to: str, *, source_format: str | N
                            lora_scale=lora_scale, lora_alpha=lora_alpha, with_past=with_past)
     try:
         if not dry_run:
-            execute(plan, force=force, allow_overflow=allow_overflow, progress=progress)
+            execute(plan, force=force, allow_overflow=allow_overflow, progress=progress, manifest=manifest)
     finally:
         plan.source.close()
     return plan

@@ -117,6 +117,10 @@ def _parser() -> argparse.ArgumentParser:
                         "refused")
     c.add_argument("--allow-overflow", action="store_true",
                    help="with --dtype float16, cast even tensors with values beyond ±65504 (they become inf)")
+    c.add_argument("--no-manifest", dest="manifest", action="store_false",
+                   help="write no weightport-manifest.json: nothing is hashed (the sha256 of every tensor and "
+                        "every file costs about a quarter of the conversion's time on a 2-core machine), and "
+                        "`verify --manifest` cannot check OUT later")
     c.add_argument("--verify", action="store_true",
                    help="after writing, compare OUT with SRC as `weightport verify` does (tensors, then the "
                         "function when transformers is installed); exit 1 if they are not equivalent")
@@ -249,7 +253,7 @@ def _convert(args) -> int:
                        tp=args.tp, pp=args.pp, allow_approximate=args.allow_approximate,
                        nanotron_version=args.nanotron_version, llm=args.llm, visual_encoder=args.visual_encoder,
                        to_arch=args.to_arch, merge_lora=args.merge_lora, lora_scale=args.lora_scale,
-                       lora_alpha=args.lora_alpha, with_past=args.with_past)
+                       lora_alpha=args.lora_alpha, with_past=args.with_past, manifest=args.manifest)
     if args.quiet:
         for warning in plan.warnings:
             print(f"weightport: warning: {warning}", file=sys.stderr)

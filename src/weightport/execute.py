@@ -3,12 +3,14 @@ directory that is renamed into place only when everything, metadata included, is
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 
 import torch
 from tqdm import tqdm
 
 from .hub import HubTensors
+from .io.hashed_file import unhashed
 from .ops import Identity
 from .plan import Plan, check_float16
 from .provenance import MANIFEST, HashingWriter, write_manifest
@@ -20,11 +22,14 @@ from .staging import staged
 CHUNK_BYTES = 64 * 2**20
 
 
-def execute(plan: Plan, *, force: bool = False, allow_overflow: bool = False, progress: bool = True) -> list[str]:
+def execute(plan: Plan, *, force: bool = False, allow_overflow: bool = False, progress: bool = True,
+            manifest: bool = True) -> list[str]:
     """Writes the plan's output; returns the non-tensor files written. What interrupted runs to
-    the same output left behind is cleaned first, and said in plan.notes."""
-    with staged(plan.out_dir, force) as (tmp, cleaned):
-        writer = HashingWriter(plan.target.writer(tmp, plan.files))
+    the same output left behind is cleaned first, and said in plan.notes. Without `manifest`, no
+    byte is hashed and no weightport-manifest.json is written."""
+    with staged(plan.out_dir, force) as (tmp, cleaned), (contextlib.nullcontext() if manifest else unhashed()):
+        writer = plan.target.writer(tmp, plan.files)
+        writer = HashingWriter(writer) if manifest else writer
         try:
             _stream(plan, writer, allow_overflow, progress)
             writer.close()
@@ -34,9 +39,11 @@ def execute(plan: Plan, *, force: bool = False, allow_overflow: bool = False, pr
         model, dtype = plan.source.model, _output_dtype(plan)
         side = plan.target.write_index(tmp, plan.files, model, dtype, plan.options)
         side += plan.target.write_metadata(tmp, plan.source, model, dtype, plan.options)
-        write_manifest(tmp, plan, writer.hashes)
+        if manifest:
+            write_manifest(tmp, plan, writer.hashes)
+            side.append(MANIFEST)
     plan.notes += cleaned  # about this run, not the output: after the manifest, which is the same every run
-    return side + [MANIFEST]
+    return side
 
 
 def _output_dtype(plan: Plan) -> torch.dtype:

@@ -2,8 +2,9 @@
 of every tensor as it was handed to the writer; and the check that re-hashes an output against it.
 
 Tensor hashes are taken while streaming (the bytes are in memory anyway), and so are the hashes of
-the data files (io/hashed_file.py); only the small files written after them are read back. `check_manifest` re-reads both: a file whose bytes changed is reported by name,
-and each tensor weightport's reader for the format can name is re-hashed and reported by name.
+the data files (io/hashed_file.py); only the small files written after them are read back.
+`check_manifest` re-reads both: a file whose bytes changed is reported by name, and each tensor
+weightport's reader for the format can name is re-hashed and reported by name.
 """
 
 from __future__ import annotations

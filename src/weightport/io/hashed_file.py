@@ -7,6 +7,8 @@ model that pass was a 16 GB re-read, half again the time of the conversion's own
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import os
 import threading
@@ -17,6 +19,18 @@ from pathlib import Path
 # they are made deep inside each format, and the manifest only has the directory
 _closed: dict[str, tuple[int, int, str]] = {}
 _lock = threading.Lock()
+# off for a conversion that writes no manifest (`--no-manifest`): its files are then plain files
+_hashing = contextvars.ContextVar("weightport_file_hashing", default=True)
+
+
+@contextlib.contextmanager
+def unhashed():
+    """HashedFiles opened within take no digest."""
+    token = _hashing.set(False)
+    try:
+        yield
+    finally:
+        _hashing.reset(token)
 
 
 class HashedFile:
@@ -27,11 +41,13 @@ class HashedFile:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._f = open(self.path, "wb")
-        self._h = hashlib.sha256()
+        self._h = hashlib.sha256() if _hashing.get() else None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="weightport-file-hash")
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
+        if self._h is None:
+            return self._f.write(view)
         if view.nbytes < 1 << 20:  # not worth a thread hop
             self._h.update(view)
             return self._f.write(view)
@@ -59,6 +75,8 @@ class HashedFile:
             return
         self._pool.shutdown()
         self._f.close()
+        if self._h is None:
+            return
         st = os.stat(self.path)
         with _lock:
             _closed[str(self.path.resolve())] = (st.st_size, st.st_mtime_ns, self._h.hexdigest())
