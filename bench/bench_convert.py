@@ -607,7 +607,7 @@ def run_benchmark(args) -> None:
     rm(workdir / "logs")  # logs of the previous run
     runner = Runner(workdir, cold, disk_margin=max(GIB, int(0.03 * mbytes)), repeat=args.repeat)
     py = args.torch_python
-    wp = shlex.split(args.weightport_cmd) + shlex.split(args.weightport_extra)
+    wp = shlex.split(args.weightport_cmd)
     # Unmeasured commands that load each tool's code into the page cache (see docstring).
     prime_cp = [["cp", "--version"]]
     prime_wp = [shlex.split(args.weightport_cmd) + ["--help"]]
@@ -659,7 +659,7 @@ def run_benchmark(args) -> None:
         if not args.skip_weightport:
             runner.need_space(mbytes, "weightport's LitGPT output")
             r["weightport"] = runner.measure("hf2lit weightport",
-                                             wp + ["convert", str(hf_dir), str(lit_wp), "--to", "litgpt"], hf_dir, prime_wp, lit_wp)
+                                             wp + ["convert", *shlex.split(args.weightport_extra), str(hf_dir), str(lit_wp), "--to", "litgpt"], hf_dir, prime_wp, lit_wp)
             if r["weightport"]["rc"] != 0:
                 rm(lit_wp)
 
@@ -712,7 +712,7 @@ def run_benchmark(args) -> None:
                 runner.need_space(lit_bytes, "weightport's HF output")
                 hf_back = out / "hf-weightport"
                 r["weightport"] = runner.measure("lit2hf weightport",
-                                                 wp + ["convert", str(lit_dir), str(hf_back), "--to", "hf"], lit_dir, prime_wp, hf_back)
+                                                 wp + ["convert", *shlex.split(args.weightport_extra), str(lit_dir), str(hf_back), "--to", "hf"], lit_dir, prime_wp, hf_back)
                 if args.verify and r["weightport"]["rc"] == 0:
                     results["verify"]["weightport's HF output vs the source HF"] = verify(
                         runner, wp, prime_wp, "lit2hf-wp", hf_dir, hf_back, ("hf", "hf"))
@@ -785,7 +785,7 @@ def run_mindspore(runner: Runner, args, results: dict, hf_dir: Path, out: Path, 
     ms_wp, back = out / "ms-weightport", out / "hf-from-ms"
     if not args.skip_weightport:
         runner.need_space(mbytes, "weightport's .ckpt")
-        r["hf2ms weightport"] = runner.measure("hf2ms weightport", wp + ["convert", str(hf_dir), str(ms_wp), "--to",
+        r["hf2ms weightport"] = runner.measure("hf2ms weightport", wp + ["convert", *shlex.split(args.weightport_extra), str(hf_dir), str(ms_wp), "--to",
                                                                           "mindspore"], hf_dir, prime_wp, ms_wp)
     if not args.skip_mindformers:
         ref_dir = out / "ms-mindformers"
@@ -812,7 +812,7 @@ def run_mindspore(runner: Runner, args, results: dict, hf_dir: Path, out: Path, 
                                    out / "cp-ms")
     rm(out / "cp-ms")
     runner.need_space(mbytes, "weightport's HF output from the .ckpt")
-    r["ms2hf weightport"] = runner.measure("ms2hf weightport", wp + ["convert", str(ms_wp), str(back), "--to", "hf"],
+    r["ms2hf weightport"] = runner.measure("ms2hf weightport", wp + ["convert", *shlex.split(args.weightport_extra), str(ms_wp), str(back), "--to", "hf"],
                                            ms_wp, prime_wp, back)
     if args.verify and r["ms2hf weightport"]["rc"] == 0:
         results["verify"]["weightport's HF output from the .ckpt vs the source HF"] = verify(
@@ -835,7 +835,7 @@ def run_nanotron(runner: Runner, args, results: dict, hf_dir: Path, out: Path, w
     nt_wp, back = out / "nanotron-weightport", out / "hf-from-nanotron"
     runner.need_space(mbytes, "weightport's Nanotron checkpoint")
     r["hf2nt weightport"] = runner.measure(
-        "hf2nt weightport", wp + ["convert", str(hf_dir), str(nt_wp), "--to", "nanotron", "--tp", str(NANOTRON_TP)],
+        "hf2nt weightport", wp + ["convert", *shlex.split(args.weightport_extra), str(hf_dir), str(nt_wp), "--to", "nanotron", "--tp", str(NANOTRON_TP)],
         hf_dir, prime_wp, nt_wp)
     if r["hf2nt weightport"]["rc"] != 0 or not (nt_wp / "model").is_dir():
         rm(nt_wp)
@@ -850,7 +850,7 @@ def run_nanotron(runner: Runner, args, results: dict, hf_dir: Path, out: Path, w
                                       [["cp", "--version"]], out / "cp-nt")
     rm(out / "cp-nt")
     runner.need_space(mbytes, "weightport's HF output from the Nanotron checkpoint")
-    r["nt2hf weightport"] = runner.measure("nt2hf weightport", wp + ["convert", str(nt_wp), str(back), "--to", "hf"],
+    r["nt2hf weightport"] = runner.measure("nt2hf weightport", wp + ["convert", *shlex.split(args.weightport_extra), str(nt_wp), str(back), "--to", "hf"],
                                            nt_wp, prime_wp, back)
     if args.verify and r["nt2hf weightport"]["rc"] == 0:
         results["verify"]["weightport's HF output from the Nanotron checkpoint vs the source HF"] = verify(
@@ -873,7 +873,7 @@ def run_lora(runner: Runner, args, results: dict, hf_dir: Path, out: Path, wp: l
     r["adapter_bytes"] = dir_bytes(adapter)
     merged = out / "hf-merged-weightport"
     runner.need_space(mbytes, "weightport's merged output")
-    r["weightport"] = runner.measure("lora weightport", wp + ["convert", str(hf_dir), str(merged), "--to", "hf",
+    r["weightport"] = runner.measure("lora weightport", wp + ["convert", *shlex.split(args.weightport_extra), str(hf_dir), str(merged), "--to", "hf",
                                                              "--merge-lora", str(adapter)],
                                      [hf_dir, adapter], prime_wp, merged)
     rm(merged)
@@ -1230,7 +1230,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weightport-cmd", default=os.environ.get("WEIGHTPORT_CMD", str(REPO / ".venv" / "bin" / "weightport")),
                    help="weightport command (shell-quoted string; env WEIGHTPORT_CMD; default: %(default)s)")
     p.add_argument("--weightport-extra", default="",
-                   help="extra arguments appended to both weightport convert commands")
+                   help="extra arguments of every `weightport convert` measured (e.g. --no-manifest)")
     p.add_argument("--torch-python", default=str(REPO / ".venv" / "bin" / "python"),
                    help="Python with torch + safetensors, used to generate and verify (default: %(default)s)")
     p.add_argument("--litgpt-python", default=str(REPO / ".venv-litgpt" / "bin" / "python"),
