@@ -501,6 +501,11 @@ class Runner:
         return text
 
 
+def convert_cmd(wp: list[str], args, *rest: str) -> list[str]:
+    """A measured `weightport convert`, with --weightport-extra."""
+    return wp + ["convert", *shlex.split(args.weightport_extra), *rest]
+
+
 def verify(runner: Runner, wp: list[str], prime: list[list[str]], label: str, a: Path, b: Path,
            formats: tuple[str, str]) -> dict:
     """`weightport verify A B --tensors-only`, measured like a conversion: every tensor through the
@@ -659,7 +664,7 @@ def run_benchmark(args) -> None:
         if not args.skip_weightport:
             runner.need_space(mbytes, "weightport's LitGPT output")
             r["weightport"] = runner.measure("hf2lit weightport",
-                                             wp + ["convert", *shlex.split(args.weightport_extra), str(hf_dir), str(lit_wp), "--to", "litgpt"], hf_dir, prime_wp, lit_wp)
+                                             convert_cmd(wp, args, str(hf_dir), str(lit_wp), "--to", "litgpt"), hf_dir, prime_wp, lit_wp)
             if r["weightport"]["rc"] != 0:
                 rm(lit_wp)
 
@@ -712,7 +717,7 @@ def run_benchmark(args) -> None:
                 runner.need_space(lit_bytes, "weightport's HF output")
                 hf_back = out / "hf-weightport"
                 r["weightport"] = runner.measure("lit2hf weightport",
-                                                 wp + ["convert", *shlex.split(args.weightport_extra), str(lit_dir), str(hf_back), "--to", "hf"], lit_dir, prime_wp, hf_back)
+                                                 convert_cmd(wp, args, str(lit_dir), str(hf_back), "--to", "hf"), lit_dir, prime_wp, hf_back)
                 if args.verify and r["weightport"]["rc"] == 0:
                     results["verify"]["weightport's HF output vs the source HF"] = verify(
                         runner, wp, prime_wp, "lit2hf-wp", hf_dir, hf_back, ("hf", "hf"))
@@ -785,8 +790,8 @@ def run_mindspore(runner: Runner, args, results: dict, hf_dir: Path, out: Path, 
     ms_wp, back = out / "ms-weightport", out / "hf-from-ms"
     if not args.skip_weightport:
         runner.need_space(mbytes, "weightport's .ckpt")
-        r["hf2ms weightport"] = runner.measure("hf2ms weightport", wp + ["convert", *shlex.split(args.weightport_extra), str(hf_dir), str(ms_wp), "--to",
-                                                                          "mindspore"], hf_dir, prime_wp, ms_wp)
+        r["hf2ms weightport"] = runner.measure("hf2ms weightport", convert_cmd(wp, args, str(hf_dir), str(ms_wp), "--to",
+                                                                          "mindspore"), hf_dir, prime_wp, ms_wp)
     if not args.skip_mindformers:
         ref_dir = out / "ms-mindformers"
         ref_dir.mkdir()
@@ -812,7 +817,7 @@ def run_mindspore(runner: Runner, args, results: dict, hf_dir: Path, out: Path, 
                                    out / "cp-ms")
     rm(out / "cp-ms")
     runner.need_space(mbytes, "weightport's HF output from the .ckpt")
-    r["ms2hf weightport"] = runner.measure("ms2hf weightport", wp + ["convert", *shlex.split(args.weightport_extra), str(ms_wp), str(back), "--to", "hf"],
+    r["ms2hf weightport"] = runner.measure("ms2hf weightport", convert_cmd(wp, args, str(ms_wp), str(back), "--to", "hf"),
                                            ms_wp, prime_wp, back)
     if args.verify and r["ms2hf weightport"]["rc"] == 0:
         results["verify"]["weightport's HF output from the .ckpt vs the source HF"] = verify(
@@ -835,7 +840,7 @@ def run_nanotron(runner: Runner, args, results: dict, hf_dir: Path, out: Path, w
     nt_wp, back = out / "nanotron-weightport", out / "hf-from-nanotron"
     runner.need_space(mbytes, "weightport's Nanotron checkpoint")
     r["hf2nt weightport"] = runner.measure(
-        "hf2nt weightport", wp + ["convert", *shlex.split(args.weightport_extra), str(hf_dir), str(nt_wp), "--to", "nanotron", "--tp", str(NANOTRON_TP)],
+        "hf2nt weightport", convert_cmd(wp, args, str(hf_dir), str(nt_wp), "--to", "nanotron", "--tp", str(NANOTRON_TP)),
         hf_dir, prime_wp, nt_wp)
     if r["hf2nt weightport"]["rc"] != 0 or not (nt_wp / "model").is_dir():
         rm(nt_wp)
@@ -850,7 +855,7 @@ def run_nanotron(runner: Runner, args, results: dict, hf_dir: Path, out: Path, w
                                       [["cp", "--version"]], out / "cp-nt")
     rm(out / "cp-nt")
     runner.need_space(mbytes, "weightport's HF output from the Nanotron checkpoint")
-    r["nt2hf weightport"] = runner.measure("nt2hf weightport", wp + ["convert", *shlex.split(args.weightport_extra), str(nt_wp), str(back), "--to", "hf"],
+    r["nt2hf weightport"] = runner.measure("nt2hf weightport", convert_cmd(wp, args, str(nt_wp), str(back), "--to", "hf"),
                                            nt_wp, prime_wp, back)
     if args.verify and r["nt2hf weightport"]["rc"] == 0:
         results["verify"]["weightport's HF output from the Nanotron checkpoint vs the source HF"] = verify(
@@ -873,8 +878,8 @@ def run_lora(runner: Runner, args, results: dict, hf_dir: Path, out: Path, wp: l
     r["adapter_bytes"] = dir_bytes(adapter)
     merged = out / "hf-merged-weightport"
     runner.need_space(mbytes, "weightport's merged output")
-    r["weightport"] = runner.measure("lora weightport", wp + ["convert", *shlex.split(args.weightport_extra), str(hf_dir), str(merged), "--to", "hf",
-                                                             "--merge-lora", str(adapter)],
+    r["weightport"] = runner.measure("lora weightport", convert_cmd(wp, args, str(hf_dir), str(merged), "--to", "hf",
+                                                             "--merge-lora", str(adapter)),
                                      [hf_dir, adapter], prime_wp, merged)
     rm(merged)
     if not args.skip_peft:

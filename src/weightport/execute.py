@@ -3,14 +3,13 @@ directory that is renamed into place only when everything, metadata included, is
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
 
 import torch
 from tqdm import tqdm
 
 from .hub import HubTensors
-from .io.hashed_file import unhashed
+from .io.hashed_file import file_hashing
 from .ops import Identity
 from .plan import Plan, check_float16
 from .provenance import MANIFEST, HashingWriter, write_manifest
@@ -27,7 +26,7 @@ def execute(plan: Plan, *, force: bool = False, allow_overflow: bool = False, pr
     """Writes the plan's output; returns the non-tensor files written. What interrupted runs to
     the same output left behind is cleaned first, and said in plan.notes. Without `manifest`, no
     byte is hashed and no weightport-manifest.json is written."""
-    with staged(plan.out_dir, force) as (tmp, cleaned), (contextlib.nullcontext() if manifest else unhashed()):
+    with staged(plan.out_dir, force) as (tmp, cleaned), file_hashing(manifest):
         writer = plan.target.writer(tmp, plan.files)
         writer = HashingWriter(writer) if manifest else writer
         try:

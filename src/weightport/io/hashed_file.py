@@ -1,4 +1,5 @@
-"""Output files that take their own sha256 as their bytes go out.
+"""Output data files: closed durably (fsync before the output is renamed into place), and taking
+their own sha256 as their bytes go out.
 
 Every writer writes its data files front to back, so the digest of the writes is the digest of
 the file: the provenance manifest then needs no second pass over data it just wrote (for an 8B
@@ -24,9 +25,9 @@ _hashing = contextvars.ContextVar("weightport_file_hashing", default=True)
 
 
 @contextlib.contextmanager
-def unhashed():
-    """HashedFiles opened within take no digest."""
-    token = _hashing.set(False)
+def file_hashing(on: bool):
+    """Whether HashedFiles opened within take a digest."""
+    token = _hashing.set(on)
     try:
         yield
     finally:
@@ -60,12 +61,6 @@ class HashedFile:
     def tell(self) -> int:
         return self._f.tell()
 
-    def flush(self) -> None:
-        self._f.flush()
-
-    def fileno(self) -> int:
-        return self._f.fileno()
-
     @property
     def closed(self) -> bool:
         return self._f.closed
@@ -74,6 +69,8 @@ class HashedFile:
         if self._f.closed:
             return
         self._pool.shutdown()
+        self._f.flush()
+        os.fsync(self._f.fileno())
         self._f.close()
         if self._h is None:
             return

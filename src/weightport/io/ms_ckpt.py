@@ -565,8 +565,6 @@ class MsCkptWriter:
             return
         if self._crc is not None:
             self._f.write(CRC_MAGIC + self._crc.to_bytes(10, "big"))
-        self._f.flush()
-        os.fsync(self._f.fileno())
         self._f.close()
 
     def abort(self) -> None:

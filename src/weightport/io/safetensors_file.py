@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
 import struct
 import warnings
 from pathlib import Path
@@ -190,8 +189,6 @@ class SafetensorsStreamWriter:
         if self._next != len(self._expected):
             missing = self._expected[self._next][0]
             raise WeightportError(f"{self.path}: internal error, tensor {missing} was planned but never written")
-        self._f.flush()
-        os.fsync(self._f.fileno())
         self._f.close()
 
     def abort(self) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import ctypes
 import mmap
-import os
 import pickle
 import struct
 import warnings
@@ -317,8 +316,6 @@ class TorchZipWriter:
         self._zip.write_record("data.pkl", data, len(data))
         self._zip.write_record("byteorder", b"little", len(b"little"))
         self._zip.write_end_of_file()
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._file.close()
 
     def abort(self) -> None:
