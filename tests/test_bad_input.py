@@ -143,14 +143,18 @@ def test_output_exists_needs_force(src, tmp_path):
     (out / "keep.txt").write_text("mine")
     fails(src, out, f"{out}: already exists; pass --force to replace it")
     assert (out / "keep.txt").read_text() == "mine"
-    proc = run_cli("convert", src, out, "--to", "litgpt", "--force", "-q")
+    # --force replaces only what weightport wrote: keep.txt is the user's
+    fails(src, out, f"{out}: holds 1 file(s) that no weightport manifest in it lists (keep.txt); not replaced "
+                    "(pass --delete-existing to delete it anyway)", "--force")
+    assert (out / "keep.txt").read_text() == "mine"
+    proc = run_cli("convert", src, out, "--to", "litgpt", "--delete-existing", "-q")
     assert proc.returncode == 0, proc.stderr
     assert not (out / "keep.txt").exists() and (out / "lit_model.pth").exists()
 
 
 def test_output_inside_source_is_refused(src):
-    fails(src, src / "lit", f"{src / 'lit'}: is, contains or lies inside the source {src}; "
-                            "choose another output directory")
+    fails(src, src / "lit", f"{src / 'lit'}: is, contains or lies inside the input {src} (SRC); "
+                            "choose another output")
 
 
 def _limit_file_size():

@@ -16,6 +16,7 @@ from .dtypes import parse_dtype, parse_size, short_name
 from .errors import WeightportError
 from .execute import execute
 from .formats import Checkpoint, WriteOptions
+from .paths import check_input_tree, check_output
 from .plan import Plan, build_plan
 
 
@@ -53,13 +54,14 @@ def _check_choice(adapter, kind: str, value: str | None, choices: tuple[str, ...
         raise WeightportError(f"format {adapter.name} has no {kind} {value!r}{scope} ({what})")
 
 
-def check_output(src: Path, out: Path, force: bool) -> None:
-    s, o = src.resolve(), out.resolve()
-    src_dir = s if s.is_dir() else s.parent
-    if src_dir.is_relative_to(o) or o.is_relative_to(src_dir):
-        raise WeightportError(f"{out}: is, contains or lies inside the source {src}; choose another output directory")
-    if out.exists() and not force:
-        raise WeightportError(f"{out}: already exists; pass --force to replace it")
+def check_inputs(inputs: dict[str, str | Path | None]) -> None:
+    """Every input of a run exists and holds only regular files (and directories)."""
+    for flag, path in inputs.items():
+        if path is None:
+            continue
+        if not Path(path).exists():
+            raise WeightportError(f"{path}: no such file or directory" + ("" if flag == "SRC" else f" ({flag})"))
+        check_input_tree(path, flag)
 
 
 def check_supports(target, model) -> None:
@@ -124,13 +126,15 @@ def convert(src: str | Path, out: str | Path, to: str, *, source_format: str | N
             nanotron_version: str | None = None, llm: str | Path | None = None,
             visual_encoder: str | Path | None = None, to_arch: str | None = None,
             merge_lora: str | Path | None = None, lora_scale: float = 1.0, lora_alpha: float | None = None,
-            with_past: bool = False, manifest: bool = True) -> Plan:
+            with_past: bool = False, manifest: bool = True, delete_existing: bool = False,
+            allow_nan: bool = False) -> Plan:
     """Convert the checkpoint at `src` into format `to` at `out`; returns the executed plan.
-    `manifest=False` writes no weightport-manifest.json and hashes nothing."""
+    `manifest=False` writes no weightport-manifest.json and hashes nothing. An existing `out` is
+    replaced with `force` only when weightport wrote it; `delete_existing` replaces it whatever it is."""
     src, out = Path(src), Path(out)
-    if not src.exists():
-        raise WeightportError(f"{src}: no such file or directory")
-    check_output(src, out, force)
+    inputs = {"SRC": src, "--merge-lora": merge_lora, "--llm": llm, "--visual-encoder": visual_encoder}
+    check_inputs(inputs)
+    check_output(out, inputs, force=force, delete_existing=delete_existing)
     if to == "peft":
         raise WeightportError("--to peft converts a LitGPT LoRA checkpoint; use convert_adapter()")
     plan = plan_conversion(src, out, to, source_format=source_format, dtype=dtype, max_shard_size=max_shard_size,
@@ -140,7 +144,8 @@ def convert(src: str | Path, out: str | Path, to: str, *, source_format: str | N
                            lora_scale=lora_scale, lora_alpha=lora_alpha, with_past=with_past)
     try:
         if not dry_run:
-            execute(plan, force=force, allow_overflow=allow_overflow, progress=progress, manifest=manifest)
+            execute(plan, force=force, delete_existing=delete_existing, allow_overflow=allow_overflow, allow_nan=allow_nan,
+                    progress=progress, manifest=manifest)
     finally:
         plan.source.close()
     return plan
@@ -210,16 +215,16 @@ def support_matrix() -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def convert_adapter(src: str | Path, out: str | Path, to: str = "peft", force: bool = False) -> list[str]:
+def convert_adapter(src: str | Path, out: str | Path, to: str = "peft", force: bool = False,
+                    delete_existing: bool = False) -> list[str]:
     """A LitGPT LoRA checkpoint (`litgpt finetune_lora`'s output) as a PEFT adapter directory at
     `out`; returns the adapted modules."""
     src, out = Path(src), Path(out)
     if to != "peft":
         raise WeightportError(f"adapters convert to peft only, not {to}")
-    if not src.exists():
-        raise WeightportError(f"{src}: no such file or directory")
+    check_inputs({"SRC": src})
     if not lora_litgpt.is_litgpt_lora(src):
         raise WeightportError(f"{src}: --to peft takes a LitGPT LoRA checkpoint (lit_model.pth.lora with "
                               "hyperparameters.yaml and model_config.yaml)")
-    check_output(src, out, force)
-    return export.litgpt_lora_to_peft(src, out, force)
+    check_output(out, {"SRC": src}, force=force, delete_existing=delete_existing)
+    return export.litgpt_lora_to_peft(src, out, force, delete_existing)

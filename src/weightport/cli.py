@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from dataclasses import asdict
 
@@ -13,7 +14,8 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from . import __version__, api, build, formats, mindformers_compat, verify  # noqa: E402
 from .dtypes import CLI_DTYPES  # noqa: E402
-from .errors import WeightportError  # noqa: E402
+from .errors import Terminated, WeightportError  # noqa: E402
+from .paths import check_report_file  # noqa: E402
 from .verify import DEFAULT_SAMPLES  # noqa: E402
 
 EPILOG = """examples:
@@ -109,14 +111,18 @@ def _parser() -> argparse.ArgumentParser:
                         ".value out); an empty past gives a prefill, so one graph serves prefill and each step")
     c.add_argument("--dry-run", action="store_true",
                    help="build and check the plan from file headers, print it (files, tensors, bytes, ops) and exit")
-    c.add_argument("--force", action="store_true", help="replace OUT if it exists (only once the new one is complete)")
+    _add_replace_args(c)
     c.add_argument("--allow-approximate", action="store_true",
                    help="convert what the target format can only approximate instead of refusing it, with a "
                         "warning saying what changes (nanotron: Llama rope_scaling, which Nanotron stores but never "
                         "applies; --to-arch llama: Phi-3's sliding window or long-rope scaling); what cannot be held at all (biases, a head_dim other than hidden/heads) is still "
                         "refused")
     c.add_argument("--allow-overflow", action="store_true",
-                   help="with --dtype float16, cast even tensors with values beyond ±65504 (they become inf)")
+                   help="with --dtype float16, cast even tensors with values beyond ±65504 (they become inf) or "
+                        "that hold inf in the source (they stay inf); without it, either is refused naming the tensor")
+    c.add_argument("--allow-nan", action="store_true",
+                   help="with --dtype float16, cast even tensors that hold NaN in the source (they stay NaN); "
+                        "without it, a NaN is refused naming the tensor")
     c.add_argument("--no-manifest", dest="manifest", action="store_false",
                    help="write no weightport-manifest.json and hash nothing: the same files, sooner (its sha256 of "
                         "every tensor and file made an 8B conversion on 2 cores take 19-35%% longer), but "
@@ -205,7 +211,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="largest safetensors shard for --to hf (default: 5GB)")
     b.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel size for --to nanotron (default: 1)")
     b.add_argument("--dry-run", action="store_true", help="build and check the plan, print it and exit")
-    b.add_argument("--force", action="store_true", help="replace OUT if it exists (only once the new one is complete)")
+    _add_replace_args(b)
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
 
     r = sub.add_parser("run", help="run an ONNX export on ONNX Runtime (CPU): next-token top-k, greedy generation",
@@ -228,6 +234,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_replace_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT if it exists and weightport wrote it: an empty directory, or one whose every "
+                        "file its weightport-manifest.json lists (a --no-manifest output has none). The old OUT is "
+                        "removed only once the new one is complete")
+    p.add_argument("--delete-existing", action="store_true",
+                   help="replace OUT whatever it is: a plain file, or a directory of files weightport did not write, "
+                        "all of which are deleted. An input is never replaced, with any flag")
+
+
 def _add_data_args(p: argparse.ArgumentParser, default_samples: int) -> None:
     p.add_argument("--data", metavar="PATH",
                    help="image-caption pairs: a WebDataset shard (*.tar with jpg/txt/json members), a directory "
@@ -242,12 +258,13 @@ def _add_data_args(p: argparse.ArgumentParser, default_samples: int) -> None:
 
 def _convert(args) -> int:
     if args.to == "peft":
-        modules = api.convert_adapter(args.src, args.out, force=args.force)
+        modules = api.convert_adapter(args.src, args.out, force=args.force, delete_existing=args.delete_existing)
         if not args.quiet:
             print(f"wrote {args.out}: PEFT adapter on {len(modules)} modules")
         return 0
     plan = api.convert(args.src, args.out, args.to, source_format=args.source_format, dtype=args.dtype,
-                       max_shard_size=args.max_shard_size, force=args.force, allow_overflow=args.allow_overflow,
+                       max_shard_size=args.max_shard_size, force=args.force, delete_existing=args.delete_existing,
+                       allow_overflow=args.allow_overflow, allow_nan=args.allow_nan,
                        dry_run=args.dry_run, progress=not args.quiet and sys.stderr.isatty(),
                        layout=args.layout, source_layout=args.source_layout, container=args.container,
                        tp=args.tp, pp=args.pp, allow_approximate=args.allow_approximate,
@@ -276,7 +293,7 @@ def _convert(args) -> int:
 def _build(args) -> int:
     plan = build.build(args.kind, args.out, text=args.text, vision=args.vision, to=args.to, seed=args.seed,
                        scale_factor=args.scale_factor, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                       tp=args.tp, force=args.force, dry_run=args.dry_run,
+                       tp=args.tp, force=args.force, delete_existing=args.delete_existing, dry_run=args.dry_run,
                        progress=not args.quiet and sys.stderr.isatty())
     if args.dry_run:
         print(plan.render(verbose=True))
@@ -298,6 +315,9 @@ def _verify(args) -> int:
         return 0 if result.intact else 1
     if not (args.a and args.b):
         raise WeightportError("verify needs A and B (or --manifest OUT)")
+    if args.report:
+        check_report_file(args.report, {"A": args.a, "B": args.b, "--data": args.data, "--tokenizer": args.tokenizer},
+                          "--report")
     report = verify.verify(args.a, args.b, format_a=args.format_a, format_b=args.format_b, data=args.data,
                            samples=args.samples, runtime=args.runtime, runtime_python=args.runtime_python,
                            tokenizer=args.tokenizer, tensors_only=args.tensors_only,
@@ -314,6 +334,9 @@ def _mindformers(args) -> int:
 
 
 def _eval_captions(args) -> int:
+    if args.report:
+        check_report_file(args.report, {"MODEL": args.model, "--data": args.data, "--tokenizer": args.tokenizer},
+                          "--report")
     result = verify.eval_captions(args.model, source_format=args.source_format, data=args.data,
                                   samples=args.samples, tokenizer=args.tokenizer)
     if args.report:
@@ -348,8 +371,22 @@ def _formats(args) -> int:
     return 0
 
 
+def _on_signal(signum, frame):
+    # a second signal must not cut short the cleanup the first one starts
+    for sig in _SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    raise Terminated(signal.Signals(signum).name)
+
+
+_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # SIGTERM (kill, a scheduler's timeout) and SIGHUP (a closed terminal) unwind like Ctrl-C: the
+    # partial output is removed on the way out
+    for sig in _SIGNALS:
+        signal.signal(sig, _on_signal)
     try:
         commands = {"convert": _convert, "inspect": _inspect, "formats": _formats, "verify": _verify,
                     "eval-captions": _eval_captions, "mindformers": _mindformers, "build": _build,
@@ -358,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     except WeightportError as e:
         print(f"weightport: error: {e}", file=sys.stderr)
         return 1
+    except Terminated as e:
+        print(f"weightport: stopped by {e.signal_name}; no output was left", file=sys.stderr)
+        return 128 + signal.Signals[e.signal_name].value
     except KeyboardInterrupt:
         print("weightport: interrupted; no output was left", file=sys.stderr)
         return 130

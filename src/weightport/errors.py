@@ -11,3 +11,11 @@ class WeightportError(Exception):
     def __str__(self) -> str:
         # names come from the files: a tensor called "a\nb" must not break the line
         return "".join(c if c.isprintable() else repr(c)[1:-1] for c in super().__str__())
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, so it unwinds (and cleans up) as on Ctrl-C."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name

@@ -21,16 +21,16 @@ from .staging import staged
 CHUNK_BYTES = 64 * 2**20
 
 
-def execute(plan: Plan, *, force: bool = False, allow_overflow: bool = False, progress: bool = True,
-            manifest: bool = True) -> list[str]:
+def execute(plan: Plan, *, force: bool = False, delete_existing: bool = False, allow_overflow: bool = False,
+            allow_nan: bool = False, progress: bool = True, manifest: bool = True) -> list[str]:
     """Writes the plan's output; returns the non-tensor files written. What interrupted runs to
     the same output left behind is cleaned first, and said in plan.notes. Without `manifest`, no
     byte is hashed and no weightport-manifest.json is written."""
-    with staged(plan.out_dir, force) as (tmp, cleaned), file_hashing(manifest):
+    with staged(plan.out_dir, force, delete_existing) as (tmp, cleaned), file_hashing(manifest):
         writer = plan.target.writer(tmp, plan.files)
         writer = HashingWriter(writer) if manifest else writer
         try:
-            _stream(plan, writer, allow_overflow, progress)
+            _stream(plan, writer, (allow_overflow, allow_nan), progress)
             writer.close()
         except BaseException:
             writer.abort()
@@ -55,7 +55,7 @@ def _output_dtype(plan: Plan) -> torch.dtype:
     return counts.most_common(1)[0][0] if counts else torch.float32
 
 
-def _stream(plan: Plan, writer, allow_overflow: bool, progress: bool) -> None:
+def _stream(plan: Plan, writer, allow: tuple[bool, bool], progress: bool) -> None:
     source = plan.source.source
     hub = HubTensors(source, plan.read_steps, Counter(h for step in plan.write_steps for h in step.inputs))
     planned = {t.name: t for t in plan.outputs}
@@ -64,7 +64,7 @@ def _stream(plan: Plan, writer, allow_overflow: bool, progress: bool) -> None:
                disable=not progress, leave=False, dynamic_ncols=True)
     try:
         for step in plan.write_steps:
-            if _stream_rename(step, hub, writer, planned, allow_overflow):
+            if _stream_rename(step, hub, writer, planned, allow):
                 bar.update(planned[step.outputs[0]].nbytes)
                 continue
             outs = step.run([hub.take(h) for h in step.inputs])
@@ -72,8 +72,8 @@ def _stream(plan: Plan, writer, allow_overflow: bool, progress: bool) -> None:
             for name, t in zip(step.outputs, outs):
                 want = planned[name].dtype
                 if t.dtype != want:
-                    if want == torch.float16 and not allow_overflow:
-                        check_float16(name, t)
+                    if want == torch.float16:
+                        check_float16(name, t, *allow)
                     t = t.to(want)
                 cast.append(t)
             # keep a tied pair one object after casting, so writers can store it once
@@ -87,7 +87,7 @@ def _stream(plan: Plan, writer, allow_overflow: bool, progress: bool) -> None:
         bar.close()
 
 
-def _stream_rename(step, hub: HubTensors, writer, planned, allow_overflow) -> bool:
+def _stream_rename(step, hub: HubTensors, writer, planned, allow: tuple[bool, bool]) -> bool:
     """Move a renamed-only tensor without holding a copy of it: in pieces when the writer takes
     pieces, else straight from the source file's pages. False when this step needs the tensor."""
     if not (isinstance(step.op, Identity) and len(step.inputs) == 1):
@@ -105,8 +105,8 @@ def _stream_rename(step, hub: HubTensors, writer, planned, allow_overflow) -> bo
         def cast(pieces):
             for piece in pieces:
                 if piece.dtype != out.dtype:
-                    if out.dtype == torch.float16 and not allow_overflow:
-                        check_float16(out.name, piece)
+                    if out.dtype == torch.float16:
+                        check_float16(out.name, piece, *allow)
                     piece = piece.to(out.dtype)
                 yield piece
 

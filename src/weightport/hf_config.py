@@ -7,30 +7,62 @@ on disk carry either form, so every reader goes through these helpers.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import yaml
 
 from .errors import WeightportError
+from .paths import check_regular
+
+
+class _NonFinite(float):
+    """A NaN or infinity read from JSON, kept apart so the key holding it can be named."""
+
+
+def _number(text: str) -> float:
+    x = float(text)  # "1e999" is inf
+    return x if math.isfinite(x) else _NonFinite(x)
+
+
+def _non_finite_key(data, where: str = "") -> str | None:
+    if isinstance(data, _NonFinite):
+        return where or "(the top level)"
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for k, v in items:
+        found = _non_finite_key(v, f"{where}.{k}" if where and isinstance(k, str) else f"{where}[{k}]" if where
+                                else str(k))
+        if found:
+            return found
+    return None
 
 
 def load_json(path: Path) -> dict:
+    """A JSON object from a regular file. NaN and infinities (which Python's json reads but JSON does
+    not have) are refused naming their key: no model setting is meant to be one."""
+    check_regular(path)
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            data = json.load(f, parse_constant=lambda c: _NonFinite(c), parse_float=_number)
     except FileNotFoundError:
         raise WeightportError(f"{path}: not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise WeightportError(f"{path}: not valid JSON ({e})") from None
     except RecursionError:
         raise WeightportError(f"{path}: not valid JSON (nested too deep)") from None
+    except OSError as e:
+        raise WeightportError(f"{path}: cannot read ({e.strerror or e})") from None
     if not isinstance(data, dict):
         raise WeightportError(f"{path}: expected a JSON object")
+    key = _non_finite_key(data)
+    if key:
+        raise WeightportError(f"{path}: {key} is not a finite number (NaN or infinity); refused")
     return data
 
 
 def load_yaml(path: Path, what: str = "YAML"):
     """A YAML file's data (safe_load: plain types only); bad or hostile text is one WeightportError."""
+    check_regular(path)
     try:
         with open(path, encoding="utf-8") as f:
             return yaml.safe_load(f)

@@ -8,6 +8,7 @@ and that every target tensor has a producer.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -201,10 +202,24 @@ def build_plan(source: Checkpoint, target: Format, out_dir: Path, dtype: torch.d
                 options, warnings, target.write_notes(model, options))
 
 
-def check_float16(name: str, tensor: torch.Tensor) -> None:
-    if tensor.is_floating_point() and tensor.numel():
-        peak = tensor.detach().abs().max().item()
-        if peak > FLOAT16_MAX:
-            raise WeightportError(
-                f"tensor {name} has values up to {peak:.6g}, beyond float16's ±{FLOAT16_MAX:g}; "
-                "pass --allow-overflow to cast anyway (they become inf)")
+def check_float16(name: str, tensor: torch.Tensor, allow_overflow: bool = False, allow_nan: bool = False) -> None:
+    """A tensor about to be cast to float16 holds nothing the cast would silently make worse or hide:
+    finite values beyond float16's range (they would become inf), inf or NaN already in the source."""
+    if not (tensor.is_floating_point() and tensor.numel()):
+        return
+    # one pass in the usual case: max() propagates NaN, so a NaN-free peak settles all three
+    peak = tensor.detach().abs().max().item()
+    if math.isnan(peak):
+        if not allow_nan:
+            raise WeightportError(f"tensor {name}: the source holds NaN values; pass --allow-nan to cast it to "
+                                  "float16 anyway (they stay NaN)")
+        peak = tensor.detach().abs().nan_to_num(nan=0.0, posinf=math.inf).max().item()
+    if allow_overflow:
+        return
+    if math.isinf(peak):
+        raise WeightportError(f"tensor {name}: the source holds infinite values; pass --allow-overflow to cast it "
+                              "to float16 anyway (they stay infinite)")
+    if peak > FLOAT16_MAX:
+        raise WeightportError(
+            f"tensor {name} has values up to {peak:.6g}, beyond float16's ±{FLOAT16_MAX:g}; "
+            "pass --allow-overflow to cast anyway (they become inf)")

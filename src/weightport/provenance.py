@@ -23,8 +23,8 @@ from .dtypes import short_name
 from .errors import WeightportError
 from .io.hashed_file import digest_if_written
 from .ops import Identity
+from .paths import MANIFEST, check_regular, confined
 
-MANIFEST = "weightport-manifest.json"
 _BLOCK = 16 * 2**20
 HASH_THREADS = min(4, os.cpu_count() or 1)
 
@@ -98,10 +98,7 @@ def _bytes(t: torch.Tensor) -> memoryview:
 def write_manifest(directory: Path, plan, tensor_hashes: dict[str, str]) -> None:
     """The manifest of a finished output directory (every file in it is hashed)."""
     source = plan.source
-    paths = [p for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST]
-    with ThreadPoolExecutor(HASH_THREADS) as pool:  # files not hashed while written: side by side
-        digests = list(pool.map(lambda p: digest_if_written(p) or file_sha256(p), paths))
-    files = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": d} for p, d in zip(paths, digests)}
+    files = hash_files(directory)
     where = {t.name: f.name for f in plan.files for t in f.tensors}
     steps = [s.describe() for s in plan.read_steps + plan.write_steps if not isinstance(s.op, Identity)]
     manifest = {
@@ -118,6 +115,19 @@ def write_manifest(directory: Path, plan, tensor_hashes: dict[str, str]) -> None
         "tensors": {t.name: {"file": where[t.name], "dtype": short_name(t.dtype), "shape": list(t.shape),
                              "sha256": tensor_hashes[t.name]} for t in plan.outputs if t.name in tensor_hashes},
     }
+    save_manifest(directory, manifest)
+
+
+def hash_files(directory: Path) -> dict[str, dict]:
+    """{relative path: {bytes, sha256}} of every file in a finished output directory."""
+    paths = [p for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST]
+    with ThreadPoolExecutor(HASH_THREADS) as pool:  # files not hashed while written: side by side
+        digests = list(pool.map(lambda p: digest_if_written(p) or file_sha256(p), paths))
+    return {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": d}
+            for p, d in zip(paths, digests)}
+
+
+def save_manifest(directory: Path, manifest: dict) -> None:
     with open(directory / MANIFEST, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
         f.write("\n")
@@ -131,21 +141,24 @@ class ManifestCheck:
     tensors_total: int = 0
     changed_files: list[str] = field(default_factory=list)
     missing_files: list[str] = field(default_factory=list)
+    added_files: list[str] = field(default_factory=list)
     changed_tensors: list[str] = field(default_factory=list)
     reader_error: str | None = None
 
     @property
     def intact(self) -> bool:
-        return not (self.changed_files or self.missing_files or self.changed_tensors or self.reader_error)
+        return not (self.changed_files or self.missing_files or self.added_files or self.changed_tensors
+                    or self.reader_error)
 
     def render(self) -> str:
         lines = [f"manifest: {self.directory / MANIFEST}",
                  f"files:    {self.files_checked} re-hashed, {len(self.changed_files)} changed, "
-                 f"{len(self.missing_files)} missing",
+                 f"{len(self.missing_files)} missing, {len(self.added_files)} added",
                  f"tensors:  {self.tensors_checked} of {self.tensors_total} re-hashed through weightport's reader, "
                  f"{len(self.changed_tensors)} changed"]
         lines += [f"changed file:   {n}" for n in self.changed_files]
         lines += [f"missing file:   {n}" for n in self.missing_files]
+        lines += [f"added file:     {n}" for n in self.added_files]
         lines += [f"changed tensor: {n}" for n in self.changed_tensors]
         if self.reader_error:
             lines.append(f"unreadable:     {self.reader_error}")
@@ -153,29 +166,50 @@ class ManifestCheck:
         return "\n".join(lines)
 
 
+def _present(directory: Path) -> list[str]:
+    """Every file, symlink and special file under directory (empty directories too), as manifest names."""
+    out = []
+    for p in sorted(directory.rglob("*")):
+        if p.is_symlink() or not p.is_dir() or not any(p.iterdir()):
+            out.append(p.relative_to(directory).as_posix())
+    return out
+
+
 def check_manifest(directory: str | Path) -> ManifestCheck:
+    from . import formats
     from .api import open_checkpoint
 
     directory = Path(directory)
     path = directory / MANIFEST
     if not path.is_file():
         raise WeightportError(f"{directory}: no {MANIFEST} to check against")
+    check_regular(path)
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
         files, tensors, target = manifest["files"], manifest["tensors"], manifest["target"]["format"]
-    except (ValueError, KeyError, TypeError) as e:
+        if not (isinstance(files, dict) and isinstance(tensors, dict) and isinstance(target, str)):
+            raise TypeError("files, tensors or target of the wrong type")
+        for name, entry in files.items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) \
+                    or not isinstance(entry.get("sha256"), str):
+                raise TypeError(f"file entry {name!r} is not {{bytes, sha256}}")
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise WeightportError(f"{path}: not a weightport manifest ({e})") from None
     result = ManifestCheck(directory, tensors_total=len(tensors))
+    result.added_files = [n for n in _present(directory) if n not in files and n != MANIFEST]
     for name, entry in files.items():
-        f = directory / name
-        if not f.is_file():
-            result.missing_files.append(name)
+        f = confined(directory, name, str(path))
+        if f.is_symlink() or not f.is_file():
+            if f.exists() or f.is_symlink():
+                result.changed_files.append(name)  # a symlink, directory or FIFO where a file was written
+            else:
+                result.missing_files.append(name)
             continue
         result.files_checked += 1
         if f.stat().st_size != entry["bytes"] or file_sha256(f) != entry["sha256"]:
             result.changed_files.append(name)
-    if result.missing_files:
-        return result
+    if result.missing_files or target not in formats.FORMATS:
+        return result  # (a peft adapter has no reader here: its file hashes cover its tensors)
     try:
         ckpt = open_checkpoint(directory, target)
     except WeightportError as e:  # changed beyond reading: the file hashes above say which
@@ -187,7 +221,7 @@ def check_manifest(directory: str | Path) -> ManifestCheck:
             if name not in stored:
                 continue  # a name the format's reader does not give back: its file's hash still covers it
             result.tensors_checked += 1
-            if tensor_sha256(ckpt.source.load(name)) != entry["sha256"]:
+            if not isinstance(entry, dict) or tensor_sha256(ckpt.source.load(name)) != entry.get("sha256"):
                 result.changed_tensors.append(name)
     finally:
         ckpt.close()

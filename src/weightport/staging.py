@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import WeightportError
+from .paths import check_replaceable
 
 PARTIAL, REPLACED = ".weightport-partial-", ".weightport-replaced-"
 
@@ -54,9 +55,10 @@ def clean_leftovers(out_dir: Path) -> list[str]:
 
 
 @contextmanager
-def staged(out_dir: Path, force: bool) -> Iterator[tuple[Path, list[str]]]:
+def staged(out_dir: Path, force: bool, delete_existing: bool = False) -> Iterator[tuple[Path, list[str]]]:
     """Yields (a fresh temporary sibling to write into, notes on leftovers cleaned); on success
-    renames it to out_dir, replacing an existing one only with `force`."""
+    renames it to out_dir, replacing an existing one only as paths.check_replaceable allows (it is
+    checked again here: out_dir may have appeared, or changed, while converting)."""
     tmp = temp_sibling(out_dir)
     try:
         notes = clean_leftovers(out_dir)
@@ -65,9 +67,8 @@ def staged(out_dir: Path, force: bool) -> Iterator[tuple[Path, list[str]]]:
         tmp.mkdir(parents=True)
         yield tmp, notes
         fsync_dir(tmp)
-        if out_dir.exists():
-            if not force:
-                raise WeightportError(f"{out_dir}: appeared while converting; not replaced (pass --force)")
+        if out_dir.exists() or out_dir.is_symlink():
+            check_replaceable(out_dir, force, delete_existing)
             # moved aside, not deleted, until the new one is in place: a kill in between leaves it
             # for the next run to restore
             old = out_dir.parent / f".{out_dir.name}{REPLACED}{os.getpid()}"

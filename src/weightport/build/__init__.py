@@ -9,11 +9,12 @@ from pathlib import Path
 import torch
 
 from .. import formats
-from ..api import check_output, check_parallel, open_checkpoint
+from ..api import check_inputs, check_parallel, open_checkpoint
 from ..dtypes import parse_dtype, parse_size
 from ..errors import WeightportError
 from ..execute import execute
 from ..formats import WriteOptions
+from ..paths import check_output
 from ..plan import Plan, build_plan
 from . import idefics3
 
@@ -23,15 +24,14 @@ KINDS = ("idefics3",)
 def build(kind: str, out: str | Path, *, text: str | Path, vision: str | Path, to: str = "hf",
           text_format: str | None = None, seed: int = 0, scale_factor: int = 2,
           dtype: str | torch.dtype | None = "auto", max_shard_size: str | int = "5GB", tp: int = 1, pp: int = 1,
-          force: bool = False, dry_run: bool = False, progress: bool = False) -> Plan:
+          force: bool = False, delete_existing: bool = False, dry_run: bool = False, progress: bool = False) -> Plan:
     """Assemble a `kind` model from its parts into `out` (format `to`); returns the executed plan."""
     if kind not in KINDS:
         raise WeightportError(f"cannot build {kind!r} (choose one of {', '.join(KINDS)})")
     text, vision, out = Path(text), Path(vision), Path(out)
-    for part in (text, vision):
-        if not part.exists():
-            raise WeightportError(f"{part}: no such file or directory")
-        check_output(part, out, force)
+    inputs = {"--text": text, "--vision": vision}
+    check_inputs(inputs)
+    check_output(out, inputs, force=force, delete_existing=delete_existing)
     target = formats.get(to)
     check_parallel(target, tp, pp)
     if isinstance(dtype, str):
@@ -50,7 +50,7 @@ def build(kind: str, out: str | Path, *, text: str | Path, vision: str | Path, t
                 raise WeightportError(f"format {target.name} does not support {ckpt.model.arch.name}")
             plan = build_plan(ckpt, target, out, dtype, WriteOptions(max_shard_size=size, tp=tp, pp=pp))
             if not dry_run:
-                execute(plan, force=force, progress=progress)
+                execute(plan, force=force, delete_existing=delete_existing, progress=progress)
         finally:
             ckpt.close()
     return plan

@@ -11,6 +11,7 @@ import torch
 
 from ..archs import Model
 from ..io import TensorSource
+from ..paths import check_regular
 from ..rules import Rule
 from ..staging import PARTIAL
 
@@ -197,6 +198,7 @@ def copy_side_files(files: list[Path], directory: Path, skip: set[str] = frozens
     for f in files:
         if f.name in skip:
             continue
+        check_regular(f)  # a FIFO blocks the copy and /dev/zero never ends it
         shutil.copyfile(f, directory / f.name)
         written.append(f.name)
     return written

@@ -11,6 +11,7 @@ from ..dtypes import short_name
 from ..errors import WeightportError
 from ..hf_config import load_json
 from ..io import open_files
+from ..paths import check_regular, confined
 from ..io.safetensors_file import SafetensorsStreamWriter, safetensors_metadata
 from ..rules import Rule, identity_rules
 from .base import (Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions, find_side_files, write_hf_sidecar,
@@ -28,9 +29,15 @@ def _weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None, P
             weight_map = load_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise WeightportError(f"{index}: has no weight_map")
+            for tensor, shard in weight_map.items():
+                if not isinstance(shard, str):
+                    raise WeightportError(f"{index}: weight_map gives tensor {tensor} the shard {shard!r}, not a "
+                                          "file name")
             files = []
+            # every shard confined to the directory before any is opened
             for shard in dict.fromkeys(weight_map.values()):
-                path = directory / shard
+                path = confined(directory, shard, str(index))
+                check_regular(path)
                 if not path.is_file():
                     tensor = next(t for t, s in weight_map.items() if s == shard)
                     raise WeightportError(f"{index}: names shard {shard} (for tensor {tensor}) which does not exist")

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import WeightportError
+from ..paths import check_regular, confined
 from .source import AssembledSource, TensorMeta
 from .torch_file import Inert, first_line, load_weights_only
 
@@ -36,7 +37,11 @@ def _tag_dir(path: Path) -> Path | None:
         return path
     latest = path / "latest"
     if latest.is_file():
-        tag = path / latest.read_text().strip()
+        check_regular(latest)
+        try:
+            tag = confined(path, latest.read_text(encoding="utf-8").strip(), str(latest))
+        except (UnicodeDecodeError, OSError):
+            return None
         return tag if tag.is_dir() and _tag_dir(tag) == tag else None
     return None
 

@@ -9,6 +9,7 @@ import torch
 
 from ..dtypes import itemsize
 from ..errors import WeightportError
+from ..paths import check_regular
 from .ms_ckpt import MsCkptFile
 from .safetensors_file import SafetensorsFile
 from .torch_file import TorchFile
@@ -31,6 +32,7 @@ class TensorMeta:
 
 def open_file(path: Path):
     path = Path(path)
+    check_regular(path)
     if path.suffix == ".safetensors":
         return SafetensorsFile(path)
     if path.suffix == ".ckpt":

@@ -19,12 +19,14 @@ from ..hf_config import load_yaml
 from ..formats.litgpt_config import to_hf
 from ..io.safetensors_file import SafetensorsStreamWriter
 from ..staging import staged
+from ..provenance import hash_files, save_manifest, tensor_sha256
+from .. import __version__
 from .litgpt import HPARAMS, LORA_FILE, read_litgpt
 
 PREFIX = "base_model.model."
 
 
-def litgpt_lora_to_peft(src: Path, out: Path, force: bool = False) -> list[str]:
+def litgpt_lora_to_peft(src: Path, out: Path, force: bool = False, delete_existing: bool = False) -> list[str]:
     """Write the PEFT adapter; returns the adapted module names."""
     lora_dir = src if src.is_dir() else src.parent
     config_yaml = lora_dir / "model_config.yaml"
@@ -36,16 +38,17 @@ def litgpt_lora_to_peft(src: Path, out: Path, force: bool = False) -> list[str]:
     hp = load_yaml(lora_dir / HPARAMS) or {}
     adapter = read_litgpt(src, base)
     try:
-        if out.exists() and not force:
-            raise WeightportError(f"{out}: already exists; pass --force to replace it")
-        with staged(out, force) as (tmp, _):
+        with staged(out, force, delete_existing) as (tmp, _):
             names = [(f"{PREFIX}{d.module}.lora_{ab}.weight", getattr(d, ab.lower())) for d in adapter.deltas
                      for ab in "AB"]
             writer = SafetensorsStreamWriter(tmp / "adapter_model.safetensors",
                                              [(n, adapter.source.tensors[s].shape, adapter.source.tensors[s].dtype)
                                               for n, s in names], {"format": "pt"})
+            hashes = {}
             for n, s in names:
-                writer.write(n, adapter.source.load(s).contiguous())
+                t = adapter.source.load(s).contiguous()
+                writer.write(n, t)
+                hashes[n] = tensor_sha256(t)
             writer.close()
             targets = sorted({d.module.rsplit(".", 1)[1] for d in adapter.deltas})
             config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(hp["lora_r"]),
@@ -54,6 +57,12 @@ def litgpt_lora_to_peft(src: Path, out: Path, force: bool = False) -> list[str]:
                       "use_dora": False, "modules_to_save": None, "inference_mode": True,
                       "base_model_name_or_path": str(hp.get("checkpoint_dir", "")) or None}
             (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            # what makes the directory weightport's to replace (--force), and checkable (verify --manifest)
+            save_manifest(tmp, {"tool": "weightport", "version": __version__,
+                                "source": {"path": str(src.resolve()), "format": "litgpt LoRA"},
+                                "target": {"format": "peft"}, "files": hash_files(tmp),
+                                "tensors": {n: {"file": "adapter_model.safetensors", "sha256": h}
+                                            for n, h in hashes.items()}})
         return [d.module for d in adapter.deltas]
     finally:
         adapter.source.close()

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from ..dtypes import short_name
 from ..errors import WeightportError
+from ..paths import REPORT_TOOL
 from .configs import compare_configs
 from .function import FunctionResult, Scores, lower_precision, scores
 from .tensors import TensorReport, compare_checkpoints
@@ -111,6 +112,7 @@ def write_json(path: str | Path, data) -> None:
             return [strict(v) for v in x]
         return x
 
+    data = {"tool": REPORT_TOOL, **data} if isinstance(data, dict) else data
     Path(path).write_text(json.dumps(strict(data), indent=2, default=str, allow_nan=False) + "\n")
 
 

@@ -26,6 +26,7 @@ from ...errors import WeightportError
 from ...hf_config import load_json
 from ...io.source import TensorSource
 from ...ops import Transpose
+from ...paths import check_regular, confined
 from ...rules import Rule, rename
 from ..base import (Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions, find_side_files,
                     write_hf_sidecar, write_json)
@@ -74,12 +75,19 @@ class OnnxFormat(Format):
 
         torch_dtypes = {v: k for k, v in ONNX_DTYPES.items()}
         located: dict[str, dict] = {}
-        manifest = load_json(directory / ONNX_MANIFEST)
-        for name, u in manifest.get("unused_weights", {}).items():
-            located.setdefault(u["file"], {})[name] = (u["offset"], u["length"], tuple(u["shape"]),
-                                                       parse_dtype(u["dtype"]))
-        for entry in manifest["graphs"].values():
-            graph_path = directory / entry["file"]
+        manifest_path = directory / ONNX_MANIFEST
+        manifest = load_json(manifest_path)
+        try:
+            for name, u in manifest.get("unused_weights", {}).items():
+                confined(directory, u["file"], str(manifest_path))
+                located.setdefault(u["file"], {})[name] = (int(u["offset"]), int(u["length"]),
+                                                           tuple(int(d) for d in u["shape"]), parse_dtype(u["dtype"]))
+            graph_files = [confined(directory, entry["file"], str(manifest_path))
+                           for entry in manifest["graphs"].values()]
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise WeightportError(f"{manifest_path}: not a weightport ONNX manifest ({type(e).__name__}: {e})") from None
+        for graph_path in graph_files:
+            check_regular(graph_path)
             try:
                 proto = onnx.load(str(graph_path), load_external_data=False)
             except Exception as e:  # protobuf's DecodeError and friends: one line, the file named
@@ -91,6 +99,7 @@ class OnnxFormat(Format):
                 where = info.get("location", "")
                 if Path(where).name != where:
                     raise WeightportError(f"{graph_path}: tensor {t.name} points outside its directory ({where!r})")
+                check_regular(confined(directory, where, f"{graph_path}: tensor {t.name}"))
                 dtype = torch_dtypes.get(t.data_type)
                 if dtype is None:
                     raise WeightportError(f"{graph_path}: tensor {t.name} has ONNX data type {t.data_type}, "
