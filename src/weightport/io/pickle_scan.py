@@ -55,10 +55,28 @@ def globals_in_torch_zip(path: Path) -> list[str]:
     """The globals of every pickle (data.pkl, and any other .pkl) inside a torch zip checkpoint."""
     found: list[str] = []
     try:
-        with zipfile.ZipFile(path) as z:
+        with zipfile.ZipFile(path) as z, open(path, "rb") as f:
             for info in z.infolist():
                 if info.filename.endswith(".pkl"):
-                    found += globals_in(z.read(info))
+                    found += globals_in(_member(z, f, info))
     except (OSError, zipfile.BadZipFile):
         return []
     return list(dict.fromkeys(found))
+
+
+def _member(z: zipfile.ZipFile, f, info: zipfile.ZipInfo) -> bytes:
+    """A member's bytes as torch reads them: a stored member straight from the file, without the CRC
+    check zipfile makes (torch makes none, so a pickle with a wrong CRC still loads and must still be
+    scanned; differential fuzzing found one that was not)."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        try:
+            return z.read(info)
+        except (zipfile.BadZipFile, NotImplementedError, ValueError, EOFError):
+            return b""
+    f.seek(info.header_offset)
+    local = f.read(30)
+    if len(local) < 30 or local[:4] != b"PK\x03\x04":
+        return b""
+    name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+    f.seek(info.header_offset + 30 + name_len + extra_len)
+    return f.read(info.file_size)

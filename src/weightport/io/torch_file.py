@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import io
 import mmap
 import pickle
 import struct
@@ -64,7 +65,13 @@ def _flatten_state(obj: object, path: Path) -> dict[str, torch.Tensor]:
     tensors = {}
     for k, v in obj.items():
         if isinstance(v, torch.Tensor):
-            tensors[k.removeprefix(_COMPILE_PREFIX)] = v
+            if not isinstance(k, str):  # differential fuzzing found an AttributeError here
+                raise WeightportError(f"{path}: a tensor is stored under a {type(k).__name__} key "
+                                      f"({str(k)[:60]!r}), not a name")
+            name = k.removeprefix(_COMPILE_PREFIX)
+            if name in tensors:
+                raise WeightportError(f"{path}: tensor {name} appears twice (with and without {_COMPILE_PREFIX})")
+            tensors[name] = v
     if not tensors:
         raise WeightportError(f"{path}: holds no tensors")
     return tensors
@@ -116,10 +123,15 @@ def load_weights_only(path: Path) -> object:
 
     A pickle that calls anything else is refused, naming what it would call (read from its
     opcodes, never by running it)."""
+    return _load_weights_only(path)[0]
+
+
+def _load_weights_only(path: Path) -> tuple[object, list]:
+    """(the loaded object, the stand-ins it needed)."""
     try:
         with warnings.catch_warnings():  # a protocol-4 pickle is refused below, not warned about
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True), []
     except pickle.UnpicklingError as e:
         refusal = str(e).strip().splitlines()
     allowed = _torch_allowed()
@@ -134,7 +146,122 @@ def load_weights_only(path: Path) -> object:
         raise WeightportError(f"{path}: refused, the pickle is not weights-only and would run code ({detail.strip()})")
     stand_ins = [(type(n.rsplit(".", 1)[-1], (Inert,), {"__module__": "weightport.inert"}), n) for n in names]
     with torch.serialization.safe_globals(stand_ins):
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True), stand_ins
+
+
+def zip_members(path: Path) -> list[zipfile.ZipInfo]:
+    """The zip's directory, refusing a name listed twice (which one a zip reader takes differs)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, NotImplementedError, ValueError, EOFError, OSError) as e:
+        # torch's own zip reader is more lenient; the members cannot be checked without the directory
+        raise WeightportError(f"{path}: cannot read the zip directory ({first_line(e)})") from None
+    names = [i.filename for i in infos]
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise WeightportError(f"{path}: zip member {twice} appears twice")
+    return infos
+
+
+# besides the storages' data/<key> records, what torch.load reads from the zip
+_TORCH_READS = ("data.pkl", ".format_version", ".storage_alignment", "byteorder", "version", ".data/version",
+                ".data/serialization_id")
+
+
+def _relative(infos: list[zipfile.ZipInfo]) -> dict[str, zipfile.ZipInfo]:
+    """Members by their name inside the archive's folder (torch names records relative to it)."""
+    folder = infos[0].filename.split("/", 1)[0] + "/" if infos and "/" in infos[0].filename else ""
+    return {i.filename.removeprefix(folder): i for i in infos}
+
+
+def check_fixed_members(path: Path, infos: list[zipfile.ZipInfo]) -> None:
+    """_check_members for the pickle and the few small records torch.load reads besides the data."""
+    rel = _relative(infos)
+    _check_members(path, [rel[n] for n in _TORCH_READS if n in rel])
+
+
+def check_storage_records(path: Path, stand_ins: list, infos: list[zipfile.ZipInfo]) -> None:
+    """Refuse a storage whose record is not exactly its size, or not a plain stored member.
+
+    torch.load without mmap refuses such a file ("record size does not match expected size"), but
+    with mmap=True it takes each storage's bytes from where its record starts, whatever the
+    record's size: a storage larger than its record reads the next record's bytes (differential
+    fuzzing against torch.load found this). This replays the pickle with torch's own weights-only
+    unpickler, every storage on the meta device (so no data is read), and checks each storage it
+    asks for against its record, as torch does without mmap."""
+    from torch import _weights_only_unpickler
+
+    reader = torch._C.PyTorchFileReader(str(path))
+    cached: dict[str, object] = {}
+    read: set[str] = set()
+
+    def persistent_load(saved_id):
+        if not isinstance(saved_id, tuple) or len(saved_id) != 5:
+            raise RuntimeError(f"persistent id {saved_id!r:.60} is not a storage")
+        typename, storage_type, key, location, numel = saved_id
+        if key in cached:  # as torch.load: the storage already loaded under this key, whatever is asked now
+            return cached[key]
+        dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+        nbytes = numel * torch._utils._element_size(dtype)
+        size = reader.get_record_size(f"data/{key}")
+        if size != nbytes:
+            raise WeightportError(f"{path}: storage {key}: its record data/{key} holds {size} bytes, the pickle "
+                                  f"reads {nbytes} ({numel} x {str(dtype).removeprefix('torch.')}) from it")
+        typed = torch.storage.TypedStorage(wrap_storage=torch.UntypedStorage(nbytes, device="meta"), dtype=dtype,
+                                           _internal=True)
+        if nbytes:  # torch caches a storage with data; an empty one is looked up (and checked) again
+            cached[key] = typed
+        read.add(f"data/{key}")
+        return typed
+
+    unpickler = _weights_only_unpickler.Unpickler(io.BytesIO(reader.get_record("data.pkl")), encoding="utf-8")
+    unpickler.persistent_load = persistent_load
+    with warnings.catch_warnings(), torch.serialization.safe_globals(stand_ins):
+        warnings.simplefilter("ignore")
+        unpickler.load()
+    rel = _relative(infos)
+    _check_members(path, [rel[n] for n in sorted(read) if n in rel])
+
+
+def _check_members(path: Path, infos: list[zipfile.ZipInfo]) -> None:
+    """What torch's zip reader (miniz) checks when it extracts a member (as torch.load does without
+    mmap) and skips when it maps one: a local header with its signature and the directory's flags
+    and method, data inside the file, no encryption, not a directory. Where one of these fails,
+    torch.load returned uninitialized memory as the member's bytes (differential fuzzing found
+    garbage tensors and a random serialization id). A compressed member is refused too: no
+    torch.save writes one, and mapped, torch would read its compressed bytes as the tensor."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        for info in infos:
+            name = info.filename
+            if not info.compress_size and not info.file_size:  # miniz extracts it without looking at it
+                continue
+            if info.external_attr & 0x10 or name.endswith("/"):  # miniz returns nothing for a directory
+                raise WeightportError(f"{path}: zip member {name} is marked as a directory")
+            f.seek(info.header_offset)
+            local = f.read(30)
+            if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                raise WeightportError(f"{path}: zip member {name}: corrupt local header")
+            flags, method = int.from_bytes(local[6:8], "little"), int.from_bytes(local[8:10], "little")
+            if (flags, method) != (info.flag_bits, info.compress_type):
+                raise WeightportError(f"{path}: zip member {name}: local header (flags {flags:#x}, method {method}) "
+                                      f"disagrees with the zip directory (flags {info.flag_bits:#x}, method "
+                                      f"{info.compress_type})")
+            if info.flag_bits & 0x61:
+                raise WeightportError(f"{path}: zip member {name} is encrypted")
+            if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+                raise WeightportError(f"{path}: zip member {name} is compressed (method {info.compress_type}, "
+                                      f"{info.compress_size} of {info.file_size} bytes); torch.save stores members "
+                                      "uncompressed")
+            start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+            if start + info.compress_size > size:
+                raise WeightportError(f"{path}: zip member {name} runs past the end of the file (truncated)")
+
+
+def _byteorder(path: Path) -> bytes:
+    reader = torch._C.PyTorchFileReader(str(path))
+    return reader.get_record("byteorder") if reader.has_record("byteorder") else b"little"
 
 
 class TorchFile(RangeFile):
@@ -147,7 +274,11 @@ class TorchFile(RangeFile):
                 f"{self.path}: not a zip-format torch checkpoint (legacy or truncated file); "
                 "re-save it with torch.save, or convert it to safetensors first")
         try:
-            obj = load_weights_only(self.path)
+            infos = zip_members(self.path)
+            check_fixed_members(self.path, infos)
+            obj, stand_ins = _load_weights_only(self.path)
+            check_storage_records(self.path, stand_ins, infos)
+            little = _byteorder(self.path) == b"little"
         except WeightportError:
             raise
         # torch.load fails on corrupt files with many exception types (fuzzing found Attribute-, Type-, KeyError)
@@ -155,7 +286,8 @@ class TorchFile(RangeFile):
             raise WeightportError(f"{self.path}: cannot read torch checkpoint ({first_line(e)})") from None
         self._tensors = _flatten_state(obj, self.path)
         self.entries = {k: (tuple(v.shape), v.dtype) for k, v in self._tensors.items()}
-        self._base = self._mapping_base()
+        # torch byte-swaps a big-endian file's storages in its mapping; reading the file by range would not
+        self._base = self._mapping_base() if little else None
 
     def _mapping_base(self) -> int | None:
         """Address of file offset 0 in torch's mapping, if every storage matches a data record.
@@ -308,8 +440,6 @@ class TorchZipWriter:
         self._state[name] = self._state[existing]
 
     def close(self) -> None:
-        import io
-
         buf = io.BytesIO()
         _Pickler(buf, protocol=2).dump(self._state)
         data = buf.getvalue()
