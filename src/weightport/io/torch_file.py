@@ -286,7 +286,10 @@ class TorchFile(RangeFile):
             raise WeightportError(f"{self.path}: cannot read torch checkpoint ({first_line(e)})") from None
         self._tensors = _flatten_state(obj, self.path)
         self.entries = {k: (tuple(v.shape), v.dtype) for k, v in self._tensors.items()}
-        # torch byte-swaps a big-endian file's storages in its mapping; reading the file by range would not
+        # torch byte-swaps a big-endian file's storages in its (private) mapping: reading the file by range
+        # would miss that, and handing the pages back would drop it, so the file's bytes would come back
+        # for a tied tensor read second (differential fuzzing found both)
+        self._little = little
         self._base = self._mapping_base() if little else None
 
     def _mapping_base(self) -> int | None:
@@ -325,7 +328,7 @@ class TorchFile(RangeFile):
         if self.locate(name) is not None:
             return self.read(name)
         try:
-            return _copy_out(self._tensors[name])
+            return _copy_out(self._tensors[name], drop=self._little)
         except RuntimeError as e:  # a record shorter than its tensor: the file was cut
             raise self._fail(f"cannot read tensor {name} ({str(e).splitlines()[0]})") from None
 
@@ -371,18 +374,20 @@ def _data_records(path: Path) -> list[tuple[int, int]]:
     return out
 
 
-def _copy_out(t: torch.Tensor) -> torch.Tensor:
-    """Copy a mapped tensor out in chunks, releasing each chunk's pages after the copy."""
+def _copy_out(t: torch.Tensor, drop: bool = True) -> torch.Tensor:
+    """Copy a mapped tensor out in chunks, releasing each chunk's pages after the copy (unless the
+    mapping holds changes the file lacks: then dropping its pages would undo them)."""
+    release = _drop_pages if drop else (lambda _: None)
     if not t.is_contiguous():
         out = t.clone(memory_format=torch.contiguous_format)
-        _drop_pages(t)
+        release(t)
         return out
     src = t.reshape(-1)
     out = torch.empty_like(src)
     step = max(1, _CHUNK // max(1, t.element_size()))
     for i in range(0, src.numel(), step):
         out[i:i + step].copy_(src[i:i + step])
-        _drop_pages(src[i:i + step])
+        release(src[i:i + step])
     return out.reshape(t.shape)
 
 
