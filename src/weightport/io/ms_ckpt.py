@@ -54,9 +54,12 @@ _CIPHER_MAGIC = bytes.fromhex("d85e3a7f")
 
 _WINDOW = 4096  # header bytes read at a time while indexing
 _MAX_TAG = 1 << 20  # a longer tag is a corrupt length, not a parameter name
-_MAX_TYPE = 256
 _MAX_PACKED_DIMS = 4096
 _READ = 16 * 2**20  # piece size when streaming the whole file for the CRC
+_MASK64 = (1 << 64) - 1
+# MindSpore reads a map tensor's parts with np.frombuffer(content, np_type_convert.get(type)): these
+# types, and float64 (numpy's default) for any other
+_MAP_ITEMSIZE = {"float16": 2, "float32": 4, "float64": 8, "int32": 4}
 
 
 class _Bad(Exception):
@@ -107,11 +110,19 @@ class _Window:
             b = self.take(pos, 1)[0]
             pos += 1
             value |= (b & 0x7F) << shift
-            if not b & 0x80:
-                if value >= 1 << 64:
-                    break
-                return value, pos
+            if not b & 0x80:  # protobuf keeps the low 64 bits of a 10-byte varint
+                return value & _MASK64, pos
         raise _Bad(f"bad varint at byte {begin}")
+
+    def key(self, pos: int, limit: int) -> tuple[int, int, bool, int]:
+        """(field number, wire type, whether the key is minimally encoded, position after it).
+
+        protobuf looks a field up by its key's bytes: a key encoded with extra bytes is an unknown
+        field, whatever number it spells. Field number 0 is refused, as protobuf refuses it."""
+        value, after = self.varint(pos, limit)
+        if not value >> 3:
+            raise _Bad(f"field number 0 at byte {pos}")
+        return value >> 3, value & 7, after - pos == len(_varint(value)), after
 
     def length(self, pos: int, limit: int, what: str) -> tuple[int, int]:
         """A length-delimited field's length, checked to fit inside its message."""
@@ -135,18 +146,41 @@ class _Window:
         raise _Bad(f"field #{field} has wire type {wire}, which a checkpoint never uses")
 
 
+class _Tensor:
+    """One TensorProto as protobuf's parser leaves it: repeated dims appended, the last
+    tensor_type and tensor_content kept."""
+
+    __slots__ = ("dims", "ttype", "content")
+
+    def __init__(self):
+        self.dims: list[int] = []
+        self.ttype: str | None = None
+        self.content: tuple[int, int] | None = None  # (offset, length)
+
+
 class _Record:
     """The header of one top-level record: what it is and where its content lies."""
 
-    __slots__ = ("start", "tag", "kind", "dims", "ttype", "content")
+    __slots__ = ("start", "tag", "kind", "tensor", "maps")
 
     def __init__(self, start: int):
         self.start = start
         self.tag: str | None = None
         self.kind: str | None = None  # "tensor" or "maptensor"
-        self.dims: list[int] = []
-        self.ttype: str | None = None
-        self.content: tuple[int, int] | None = None  # (offset, length)
+        self.tensor = _Tensor()
+        self.maps: list[_Tensor] = []  # a maptensor's parts
+
+    @property
+    def dims(self) -> list[int]:
+        return self.tensor.dims
+
+    @property
+    def ttype(self) -> str | None:
+        return self.tensor.ttype
+
+    @property
+    def content(self) -> tuple[int, int] | None:
+        return self.tensor.content
 
 
 def _expect_len(wire: int, what: str) -> None:
@@ -154,31 +188,40 @@ def _expect_len(wire: int, what: str) -> None:
         raise _Bad(f"field {what} has wire type {wire}, expected 2 (length-delimited)")
 
 
+def _string(w: _Window, pos: int, end: int, what: str) -> tuple[str, int]:
+    """A string field, strictly UTF-8 as protobuf decodes it; (value, position after it)."""
+    n, pos = w.length(pos, end, what)
+    if n > _MAX_TAG:
+        raise _Bad(f"{what} of {n} bytes is not a {'parameter' if what == 'tag' else 'type'} name (corrupt length)")
+    raw = w.take(pos, n)
+    try:
+        return raw.decode("utf-8"), pos + n
+    except UnicodeDecodeError:
+        shown = raw[:60]
+        raise _Bad(f"{what} is not UTF-8 ({shown!r}{'...' if n > 60 else ''})") from None
+
+
 def _parse_value(w: _Window, rec: _Record, pos: int, end: int) -> None:
-    """Fill rec from the Checkpoint.Value spanning [pos, end), reading headers only."""
-    sub: tuple[int, int] | None = None
+    """Fill rec from the Checkpoint.Value spanning [pos, end), reading headers only.
+
+    As protobuf parses it: a tensor (or maptensor) field that comes again is merged into the one
+    before; tensor and maptensor are a oneof, so one of them replaces the other."""
     while pos < end:
-        key, pos = w.varint(pos, end)
-        field, wire = key >> 3, key & 7
-        if field == 1:
+        field, wire, canonical, pos = w.key(pos, end)
+        if canonical and field == 1:
             _expect_len(wire, "tag")
-            n, pos = w.length(pos, end, "tag")
-            if n > _MAX_TAG:
-                raise _Bad(f"tag of {n} bytes is not a parameter name (corrupt length)")
-            raw = w.take(pos, n)
-            try:
-                rec.tag = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                shown = raw[:60]
-                raise _Bad(f"tag is not UTF-8 ({shown!r}{'...' if n > 60 else ''})") from None
-            pos += n
-        elif field in (2, 3):
+            rec.tag, pos = _string(w, pos, end, "tag")
+        elif canonical and field in (2, 3):
             what = "tensor" if field == 2 else "maptensor"
             _expect_len(wire, what)
             n, pos = w.length(pos, end, what)
-            if sub is not None and rec.kind == what:
-                raise _Bad(f"field {what} appears twice in one record")
-            rec.kind, sub = what, (pos, pos + n)  # a oneof: the last one set wins
+            if rec.kind != what:
+                rec.tensor, rec.maps = _Tensor(), []
+            rec.kind = what
+            if field == 2:
+                _parse_tensor(w, rec.tensor, pos, pos + n)
+            else:
+                _parse_map(w, rec.maps, pos, pos + n)
             pos += n
         else:
             pos = w.skip(pos, wire, end, field)
@@ -187,17 +230,35 @@ def _parse_value(w: _Window, rec: _Record, pos: int, end: int) -> None:
     if rec.kind is None:
         raise _Bad("record holds neither a tensor nor a maptensor")
     if rec.kind == "tensor":
-        _parse_tensor(w, rec, *sub)
+        if rec.tensor.ttype is None:
+            raise _Bad("tensor has no tensor_type")
+        if rec.tensor.content is None:
+            raise _Bad("tensor has no tensor_content")
 
 
-def _parse_tensor(w: _Window, rec: _Record, pos: int, end: int) -> None:
+def _parse_map(w: _Window, parts: list[_Tensor], pos: int, end: int) -> None:
+    """A MapTensorProto: its repeated TensorProto parts, appended to `parts`."""
     while pos < end:
-        key, pos = w.varint(pos, end)
-        field, wire = key >> 3, key & 7
-        if field == 1:
+        field, wire, canonical, pos = w.key(pos, end)
+        if canonical and field == 1 and wire == 2:
+            n, pos = w.length(pos, end, "maptensor part")
+            part = _Tensor()
+            _parse_tensor(w, part, pos, pos + n)
+            parts.append(part)
+            pos += n
+        else:
+            pos = w.skip(pos, wire, end, field)
+
+
+def _parse_tensor(w: _Window, t: _Tensor, pos: int, end: int) -> None:
+    while pos < end:
+        field, wire, canonical, pos = w.key(pos, end)
+        if not canonical:
+            pos = w.skip(pos, wire, end, field)
+        elif field == 1:
             if wire == 0:
                 d, pos = w.varint(pos, end)
-                rec.dims.append(d)
+                t.dims.append(_int64(d))
             elif wire == 2:  # packed, which parsers must accept
                 n, pos = w.length(pos, end, "dims")
                 if n > _MAX_PACKED_DIMS:
@@ -205,28 +266,35 @@ def _parse_tensor(w: _Window, rec: _Record, pos: int, end: int) -> None:
                 stop = pos + n
                 while pos < stop:
                     d, pos = w.varint(pos, stop)
-                    rec.dims.append(d)
+                    t.dims.append(_int64(d))
             else:
                 raise _Bad(f"field dims has wire type {wire}, expected 0 (varint)")
         elif field == 2:
             _expect_len(wire, "tensor_type")
-            n, pos = w.length(pos, end, "tensor_type")
-            raw = w.take(pos, min(n, _MAX_TYPE))
-            rec.ttype = raw.decode("utf-8", "backslashreplace") + ("..." if n > _MAX_TYPE else "")
-            pos += n
+            t.ttype, pos = _string(w, pos, end, "tensor_type")
         elif field == 3:
             _expect_len(wire, "tensor_content")
             n, pos = w.length(pos, end, "tensor_content")
-            rec.content = (pos, n)
+            t.content = (pos, n)
             pos += n
         else:
             pos = w.skip(pos, wire, end, field)
-    # int64 dims arrive as unsigned 64-bit varints
-    rec.dims = [d - (1 << 64) if d >= 1 << 63 else d for d in rec.dims]
-    if rec.ttype is None:
-        raise _Bad("tensor has no tensor_type")
-    if rec.content is None:
-        raise _Bad("tensor has no tensor_content")
+
+
+def _int64(d: int) -> int:
+    """An int64 field, which arrives as an unsigned 64-bit varint."""
+    return d - (1 << 64) if d >= 1 << 63 else d
+
+
+def _short(text: str | None) -> str:
+    """A tensor_type for a message: repr, cut to 60 characters."""
+    shown = repr(text)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
+def _cut(text: str | None) -> str:
+    text = str(text)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _numel(shape) -> int:
@@ -343,27 +411,29 @@ class MsCkptFile(RangeFile):
             if kinds != {"tensor"}:
                 if kinds != {"maptensor"}:
                     raise self._fail(f"tensor {tag}: mixes tensor and maptensor records")
+                self._check_map(tag, group)
                 self.skipped[tag] = "maptensor record (a MindSpore MapParameter, not a dense tensor)"
                 continue
             for r in group[1:]:
                 if r.dims != first.dims or r.ttype != first.ttype:
-                    raise self._fail(f"tensor {tag}: record at byte {r.start} has dims {r.dims} of {r.ttype}, "
-                                     f"its first record dims {first.dims} of {first.ttype}")
+                    raise self._fail(f"tensor {tag}: record at byte {r.start} has dims {r.dims} of {_cut(r.ttype)}, "
+                                     f"its first record dims {first.dims} of {_cut(first.ttype)}")
             ttype = first.ttype
             if ttype == "str":
+                self._check_str(tag, group)
                 self.skipped[tag] = "str record (a string value, not a tensor)"
                 continue
             dtype = MS_DTYPES.get(ttype)
             if dtype is None:
                 if ttype == "Int4":
                     raise self._fail(f"tensor {tag}: tensor_type Int4 (packed 4-bit integers) has no torch dtype")
-                raise self._fail(f"tensor {tag}: unknown tensor_type {ttype!r}")
+                raise self._fail(f"tensor {tag}: unknown tensor_type {_short(ttype)}")
             if any(d < 0 for d in first.dims):
                 raise self._fail(f"tensor {tag}: negative size in dims {first.dims}")
             total = sum(r.content[1] for r in group)
             size = itemsize(dtype)
             shape = tuple(first.dims)
-            if shape == (0,) and total == size:  # MindSpore reads dims [0] as a scalar
+            if shape == (0,):  # MindSpore reads dims [0] as a scalar (from an empty content, past its buffer)
                 shape = ()
             need = _numel(shape) * size
             if total != need:
@@ -372,6 +442,64 @@ class MsCkptFile(RangeFile):
                                  f"its dims {first.dims} of {ttype} need {need}")
             self.entries[tag] = (shape, dtype)
             self._ranges[tag] = [r.content for r in group if r.content[1]]
+
+    def _check_str(self, tag: str, group: list[_Record]) -> None:
+        """What MindSpore's load_checkpoint needs of a string: it reads the joined content as
+        np.frombuffer(content, "U<n>") with n a quarter of the last record's size, and keeps the first
+        string, so n must be >= 1, the content a whole number of such strings, and the first one,
+        when it is a single character, at most U+10FFFF (differential fuzzing found all three read
+        by us and refused by MindSpore)."""
+        n = group[-1].content[1] // 4
+        total = sum(r.content[1] for r in group)
+        if not n:
+            raise self._fail(f"tensor {tag}: str record of {group[-1].content[1]} bytes holds no character")
+        if total % (4 * n):
+            raise self._fail(f"tensor {tag}: str records hold {total} bytes, not a whole number of {4 * n}-byte strings")
+        first = torch.empty(4 * n, dtype=torch.uint8)
+        self._fill(tag, first, 0, [r.content for r in group if r.content[1]])
+        units = first.view(torch.int32).to(torch.int64).bitwise_and(0xFFFFFFFF).tolist()
+        while units and not units[-1]:
+            units.pop()
+        # numpy makes a str of one code unit with a check (refusing one past U+10FFFF), of several without
+        if len(units) == 1 and units[0] > 0x10FFFF:
+            raise self._fail(f"tensor {tag}: str record holds a character beyond U+10FFFF ({units[0]:#x})")
+
+    def _check_map(self, tag: str, group: list[_Record]) -> None:
+        """What MindSpore's _load_map_parameter needs of a map tensor's records (at most 3 parts, each
+        a whole number of its numpy type, with dims, reshaped to dims[0] summed over the records);
+        it reads no data (differential fuzzing found maps read by us and refused by MindSpore)."""
+        import numpy as np
+
+        lengths, rows = [0, 0, 0], [0, 0, 0]
+        for i, r in enumerate(group):
+            last = i == len(group) - 1
+            for k, part in enumerate(r.maps):
+                what = f"tensor {tag}: maptensor part {k} at byte {r.start}"
+                if k >= 3:
+                    raise self._fail(f"{what}: a map tensor has at most 3 parts")
+                ttype = part.ttype if part.ttype in _MAP_ITEMSIZE else "float64"
+                size = _MAP_ITEMSIZE[ttype]
+                n = part.content[1] if part.content else 0
+                if n % size:
+                    raise self._fail(f"{what}: {n} bytes are not a whole number of {ttype} values")
+                lengths[k] += n
+                if not part.dims:
+                    raise self._fail(f"{what}: no dims")
+                if not last:
+                    rows[k] += part.dims[0]
+                    continue
+                if lengths[k] % size:
+                    raise self._fail(f"{what}: {lengths[k]} bytes over its records are not a whole number of "
+                                     f"{ttype} values")
+                first = part.dims[0] + rows[k]
+                if not -(1 << 63) <= first < 1 << 63:
+                    raise self._fail(f"{what}: dims[0] {first} over its records is out of range")
+                dims = [first, *part.dims[1:]]
+                flat = np.lib.stride_tricks.as_strided(np.zeros(1, ttype), shape=(lengths[k] // size,), strides=(0,))
+                try:
+                    flat.reshape(dims)
+                except ValueError as e:
+                    raise self._fail(f"{what}: {lengths[k] // size} values do not fit dims {dims} ({e})") from None
 
     # --- CRC --------------------------------------------------------------------------------
 
