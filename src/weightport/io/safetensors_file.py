@@ -136,7 +136,10 @@ class SafetensorsFile(RangeFile):
                 if len(head) < 8:
                     raise self._fail("not a safetensors file (shorter than its 8-byte header length)")
                 (n,) = struct.unpack("<Q", head)
-                if n > _MAX_HEADER or 8 + n > size:
+                if n > _MAX_HEADER:
+                    raise self._fail(f"not safetensors (header length {n} is over the {_MAX_HEADER:,} bytes the "
+                                     "format allows)")
+                if 8 + n > size:
                     raise self._fail(f"truncated or not safetensors (header length {n} but file has {size} bytes)")
                 raw = f.read(n)
         except OSError as e:

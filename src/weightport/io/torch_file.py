@@ -66,8 +66,8 @@ def _flatten_state(obj: object, path: Path) -> dict[str, torch.Tensor]:
     for k, v in obj.items():
         if isinstance(v, torch.Tensor):
             if not isinstance(k, str):  # differential fuzzing found an AttributeError here
-                raise WeightportError(f"{path}: a tensor is stored under a {type(k).__name__} key "
-                                      f"({str(k)[:60]!r}), not a name")
+                raise WeightportError(f"{path}: a tensor is stored under the key {str(k)[:60]!r}, which is "
+                                      f"{type(k).__name__}, not a string")
             name = k.removeprefix(_COMPILE_PREFIX)
             if name in tensors:
                 raise WeightportError(f"{path}: tensor {name} appears twice (with and without {_COMPILE_PREFIX})")
