@@ -95,14 +95,18 @@ bench: $(VENV)/.installed $(LITGPT_VENV)/.installed $(OPTIMUM_VENV)/.installed
 	$(VENV)/bin/python bench/bench_onnx.py
 
 # coverage-guided fuzzing of every reader; what it finds worth keeping stays in fuzz/corpus/ and
-# tests/test_fuzz_corpus.py replays it in every test run
+# tests/test_fuzz_corpus.py replays it in every test run. Then differential fuzzing: mutated files
+# through safetensors, torch.load and (where installed) MindSpore against our readers; it fails on
+# any disagreement
 FUZZ_SECONDS ?= 60
+FUZZ_DIFF ?= --safetensors 20000 --torch 5000 --ckpt 2000
 ATHERIS ?= atheris==3.0.0
 fuzz: $(VENV)/.installed
 	$(VENV)/bin/pip install $(PIP_FLAGS) $(ATHERIS)
 	$(VENV)/bin/python fuzz/seed_corpus.py
 	cd fuzz && for t in safetensors torch ckpt config-json litgpt-yaml; do \
 		../$(VENV)/bin/python fuzz_readers.py $$t -max_total_time=$(FUZZ_SECONDS) corpus/$$t || exit 1; done
+	$(VENV)/bin/python fuzz/differential.py $(FUZZ_DIFF)
 
 clean:
 	rm -rf demo-out .pytest_cache

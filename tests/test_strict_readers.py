@@ -139,7 +139,8 @@ def test_header_over_the_librarys_limit(tmp_path):
         f.write(struct.pack("<Q", 100_000_001) + b"{")
         f.truncate(8 + 100_000_001)
     assert lib_reads(path) is None
-    assert ours_refuses(path) == "not safetensors (header length 100000001 is over the 100,000,000 bytes the format allows)"
+    assert ours_refuses(path) == ("not safetensors (header length 100000001 is over the 100,000,000 bytes the "
+                                  "format allows)")
 
 
 # read by both: the same names, dtypes, shapes and bytes
@@ -186,8 +187,9 @@ STRICTER = [
     ("a dtype weightport does not convert", '{"a":{"dtype":"U16","shape":[4],"data_offsets":[0,8]}}', D8,
      "tensor a: dtype U16 is not supported (supported: F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL, F8_E4M3, "
      "F8_E5M2)"),
-    ("an empty tensor past torch's size", '{"a":{"dtype":"F32","shape":[0,4611686018427387904,4],"data_offsets":[0,0]}}',
-     b"", "tensor a: shape [0, 4611686018427387904, 4] is too large for a torch tensor"),
+    ("an empty tensor past torch's size",
+     '{"a":{"dtype":"F32","shape":[0,4611686018427387904,4],"data_offsets":[0,0]}}', b"",
+     "tensor a: shape [0, 4611686018427387904, 4] is too large for a torch tensor"),
 ]
 
 

@@ -454,7 +454,8 @@ class MsCkptFile(RangeFile):
         if not n:
             raise self._fail(f"tensor {tag}: str record of {group[-1].content[1]} bytes holds no character")
         if total % (4 * n):
-            raise self._fail(f"tensor {tag}: str records hold {total} bytes, not a whole number of {4 * n}-byte strings")
+            raise self._fail(f"tensor {tag}: str records hold {total} bytes, not a whole number of "
+                             f"{4 * n}-byte strings")
         first = torch.empty(4 * n, dtype=torch.uint8)
         self._fill(tag, first, 0, [r.content for r in group if r.content[1]])
         units = first.view(torch.int32).to(torch.int64).bitwise_and(0xFFFFFFFF).tolist()

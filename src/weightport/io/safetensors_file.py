@@ -1,7 +1,9 @@
 """safetensors read from the header alone, and written as a stream.
 
 The safetensors library maps whole files; reading through `pread` instead keeps the resident
-set at one tensor, which is what lets a 16 GB checkpoint convert in a few hundred MB.
+set at one tensor, which is what lets a 16 GB checkpoint convert in a few hundred MB. The header
+is checked as the library checks it, so a file it refuses is refused here too
+(tests/test_strict_readers.py; fuzz/differential.py compares the two on mutated files).
 """
 
 from __future__ import annotations
@@ -179,14 +181,16 @@ class SafetensorsFile(RangeFile):
                 raise self._fail(f"tensor {name}: {where} leave a hole of {begin - start} bytes {after} "
                                  "(tensors must be back to back from byte 0 of the data)")
             if end - begin != nbytes:
-                raise self._fail(f"tensor {name}: {where} do not match shape {list(shape)} "
+                raise self._fail(f"tensor {name}: {where} do not match shape {_short(list(shape))} "
                                  f"{TORCH_TO_SAFETENSORS[dtype]} ({nbytes} bytes)")
             if end > data_size:
-                raise self._fail(f"truncated: tensor {name} ends at byte {end} of the data but the file holds {data_size}")
+                raise self._fail(f"truncated: tensor {name} ends at byte {end} of the data but the file holds "
+                                 f"{data_size}")
             self.entries[name] = (shape, dtype, begin, end)
             start, previous = end, name
         if start != data_size:
-            last = f"the last tensor ({previous}) ends" if previous is not None else "the header lists no tensor, so the data ends"
+            last = (f"the last tensor ({previous}) ends" if previous is not None
+                    else "the header lists no tensor, so the data ends")
             raise self._fail(f"{data_size - start} bytes after the tensors are not covered by any: {last} at byte "
                              f"{start} of the data but the file holds {data_size}")
 
@@ -195,7 +199,8 @@ class SafetensorsFile(RangeFile):
         if meta is None:
             return {}
         if not isinstance(meta, dict):
-            raise self._fail(f"corrupt safetensors header (__metadata__ is {_json_type(meta)}, not an object of strings)")
+            raise self._fail(f"corrupt safetensors header (__metadata__ is {_json_type(meta)}, "
+                             "not an object of strings)")
         if meta.dups:
             raise self._fail(f"corrupt safetensors header (__metadata__ key {meta.dups[0]!r} appears twice)")
         for k, v in meta.items():
@@ -233,17 +238,17 @@ class SafetensorsFile(RangeFile):
         for d in shape:  # checked as the library checks, one multiplication at a time
             numel *= d
             if numel > _U64:
-                raise self._fail(f"tensor {name}: shape {list(shape)} overflows (more than 2^64 elements)")
+                raise self._fail(f"tensor {name}: shape {_short(shape)} overflows (more than 2^64 elements)")
         nbits = numel * _LIB_DTYPE_BITS[name_of]
         if nbits > _U64:
-            raise self._fail(f"tensor {name}: shape {list(shape)} of {name_of} overflows (more than 2^64 bits)")
+            raise self._fail(f"tensor {name}: shape {_short(shape)} of {name_of} overflows (more than 2^64 bits)")
         extent = 1
         for d in shape:
             extent *= d or 1
         if extent > _I64:
             # torch cannot make such a tensor even when it is empty; the library fails there with
             # MemoryError or an overflow for some of these and reads others as empty
-            raise self._fail(f"tensor {name}: shape {list(shape)} is too large for a torch tensor")
+            raise self._fail(f"tensor {name}: shape {_short(shape)} is too large for a torch tensor")
         return tuple(shape), dtype, offsets[0], offsets[1], nbits // 8
 
     def locate(self, name: str):

@@ -254,7 +254,8 @@ def _check_members(path: Path, infos: list[zipfile.ZipInfo]) -> None:
                 raise WeightportError(f"{path}: zip member {name} is compressed (method {info.compress_type}, "
                                       f"{info.compress_size} of {info.file_size} bytes); torch.save stores members "
                                       "uncompressed")
-            start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+            name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+            start = info.header_offset + 30 + name_len + extra_len
             if start + info.compress_size > size:
                 raise WeightportError(f"{path}: zip member {name} runs past the end of the file (truncated)")
 
