@@ -644,14 +644,15 @@ def seeds_torch() -> list[bytes]:
         buf = io.BytesIO()
         torch.save(sd, buf)
         out.append(buf.getvalue())
-    path = Path(tempfile.mkdtemp(prefix="wp-diff-seed-")) / "w.bin"  # what weightport itself writes
-    w = TorchZipWriter(path)
-    g = torch.Generator().manual_seed(3)
-    for n, t in {"a": torch.randn(3, 2, generator=g), "b": torch.arange(4, dtype=torch.int32)}.items():
-        w.write(n, t)
-    w.alias("tied", "a")
-    w.close()
-    out.append(path.read_bytes())
+    with tempfile.TemporaryDirectory(prefix="wp-diff-seed-") as tmp:  # what weightport itself writes
+        path = Path(tmp) / "w.bin"
+        w = TorchZipWriter(path)
+        g = torch.Generator().manual_seed(3)
+        for n, t in {"a": torch.randn(3, 2, generator=g), "b": torch.arange(4, dtype=torch.int32)}.items():
+            w.write(n, t)
+        w.alias("tied", "a")
+        w.close()
+        out.append(path.read_bytes())
     return out
 
 
@@ -980,11 +981,12 @@ def encode_ckpt(recs: list[Rec], crc: bool) -> bytes:
 
 def seeds_ckpt() -> list[bytes]:
     out = [encode_ckpt(recs, crc=i % 2 == 0) for i, recs in enumerate(seed_ckpt_records())]
-    buf = Path(tempfile.mkdtemp(prefix="wp-diff-seed-")) / "w.ckpt"
-    with MsCkptWriter(buf, crc=True) as w:  # what weightport itself writes
-        for n, t in {"a": torch.ones(2, 3), "b": torch.arange(4, dtype=torch.int32)}.items():
-            w.write(n, t)
-    out.append(buf.read_bytes())
+    with tempfile.TemporaryDirectory(prefix="wp-diff-seed-") as tmp:
+        buf = Path(tmp) / "w.ckpt"
+        with MsCkptWriter(buf, crc=True) as w:  # what weightport itself writes
+            for n, t in {"a": torch.ones(2, 3), "b": torch.arange(4, dtype=torch.int32)}.items():
+                w.write(n, t)
+        out.append(buf.read_bytes())
     return out
 
 
@@ -1250,7 +1252,12 @@ def main() -> int:
     ap.add_argument("--keep", type=Path, default=None, help="save every disagreeing input here")
     ap.add_argument("--show", type=int, default=5, help="disagreements to print per target")
     args = ap.parse_args()
-    scratch = Path(tempfile.mkdtemp(prefix="weightport-diff-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+    with tempfile.TemporaryDirectory(prefix="weightport-diff-",
+                                     dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as scratch:
+        return _run(args, Path(scratch))
+
+
+def _run(args, scratch: Path) -> int:
     total_bad = 0
     rows = []
     for target, n in (("safetensors", args.safetensors), ("torch", args.torch), ("ckpt", args.ckpt)):

@@ -8,8 +8,11 @@ each carrying the full dims; its data is the concatenation of their contents.
 
 Reading walks the records by their key byte and length, parsing only the few header bytes of
 each (tag, dims, type and where the content lies), so indexing a 16 GB file reads kilobytes;
-tensor data is read later by range. Writing encodes each record's header by hand and streams
-the content after it, so no multi-GB protobuf message is ever built.
+tensor data is read later by range. The headers are parsed as protobuf's Python parser (the one
+MindSpore uses) parses them, and the records checked as MindSpore's load_checkpoint needs them,
+so a file it refuses is refused here too (fuzz/differential.py compares the two on mutated
+files); a few malformed records it reads are refused on purpose. Writing encodes each record's
+header by hand and streams the content after it, so no multi-GB protobuf message is ever built.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ Reading always uses `weights_only=True`, so a pickle that would run code is refu
 at each record's offset in the zip (torch stores records uncompressed), so no mapped pages
 accumulate in the resident set; where offsets cannot be matched to storages, the tensor is
 copied out of the mapping in chunks whose pages are handed back to the kernel as it goes.
+With mmap, torch skips checks it makes without it (a storage's size against its record's, the
+zip local headers); those are made here, so a file torch.load refuses is refused here too
+(fuzz/differential.py compares the two on mutated files).
 """
 
 from __future__ import annotations
