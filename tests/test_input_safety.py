@@ -432,3 +432,30 @@ def test_inf_message_says_the_source_holds_it(nan_inf, tmp_path):
                    "to cast it to float16 anyway (they stay infinite)")
     assert cli("convert", nan_inf["inf"], tmp_path / "out", "--to", "litgpt", "--dtype", "float16",
                "--allow-overflow", "-q").returncode == 0
+
+
+def test_key_given_twice_in_config_or_index_is_refused(hf, sharded, tmp_path):
+    src = copy_dir(hf, tmp_path / "src")
+    raw = (src / "config.json").read_text().rstrip()
+    (src / "config.json").write_text(raw[:-1] + ', "num_hidden_layers": 1}')
+    one_line_error(cli("convert", src, tmp_path / "out", "--to", "litgpt"),
+                   f"{src / 'config.json'}: key 'num_hidden_layers' is given twice; refused")
+    src2 = copy_dir(sharded, tmp_path / "src2")
+    index = src2 / "model.safetensors.index.json"
+    raw = index.read_text().rstrip()
+    close = raw[:-1].rstrip().rindex("}")  # the weight_map's closing brace
+    index.write_text(raw[:close] + ', "lm_head.weight": "model-00001-of-00002.safetensors"}}')
+    one_line_error(cli("convert", src2, tmp_path / "out", "--to", "litgpt"),
+                   f"{index}: key 'lm_head.weight' is given twice; refused")
+
+
+def test_non_finite_number_in_a_litgpt_yaml_is_refused(hf, tmp_path):
+    lit = tmp_path / "lit"
+    weightport.convert(hf, lit, "litgpt")
+    yaml_path = lit / "model_config.yaml"
+    text = yaml_path.read_text()
+    assert "norm_eps:" in text
+    yaml_path.write_text("\n".join("norm_eps: .nan" if line.startswith("norm_eps:") else line
+                                   for line in text.splitlines()) + "\n")
+    one_line_error(cli("convert", lit, tmp_path / "out", "--to", "hf"),
+                   f"{yaml_path}: norm_eps is not a finite number (NaN or infinity); refused")

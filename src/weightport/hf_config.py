@@ -16,34 +16,47 @@ from .errors import WeightportError
 from .paths import check_regular
 
 
-class _NonFinite(float):
-    """A NaN or infinity read from JSON, kept apart so the key holding it can be named."""
-
-
-def _number(text: str) -> float:
-    x = float(text)  # "1e999" is inf
-    return x if math.isfinite(x) else _NonFinite(x)
-
-
-def _non_finite_key(data, where: str = "") -> str | None:
-    if isinstance(data, _NonFinite):
-        return where or "(the top level)"
-    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
-    for k, v in items:
-        found = _non_finite_key(v, f"{where}.{k}" if where and isinstance(k, str) else f"{where}[{k}]" if where
-                                else str(k))
+def _non_finite_key(data, where: str = "", seen: set | None = None) -> str | None:
+    """The dotted key of the first NaN or infinity in parsed JSON or YAML data, or None."""
+    if isinstance(data, float):
+        return None if math.isfinite(data) else where or "(the top level)"
+    if not isinstance(data, (dict, list)):
+        return None
+    seen = set() if seen is None else seen
+    if id(data) in seen:  # a YAML alias back to an enclosing node
+        return None
+    seen.add(id(data))
+    for k, v in (data.items() if isinstance(data, dict) else enumerate(data)):
+        found = _non_finite_key(v, f"{where}[{k}]" if isinstance(k, int) else f"{where}.{k}" if where else str(k),
+                                seen)
         if found:
             return found
     return None
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
 def load_json(path: Path) -> dict:
     """A JSON object from a regular file. NaN and infinities (which Python's json reads but JSON does
-    not have) are refused naming their key: no model setting is meant to be one."""
+    not have) are refused naming their key: no model setting is meant to be one. So is a key given
+    twice, which readers resolve differently (Python keeps the last)."""
     check_regular(path)
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f, parse_constant=lambda c: _NonFinite(c), parse_float=_number)
+            data = json.load(f, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise WeightportError(f"{path}: key {e.args[0]!r} is given twice; refused") from None
     except FileNotFoundError:
         raise WeightportError(f"{path}: not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -54,10 +67,17 @@ def load_json(path: Path) -> dict:
         raise WeightportError(f"{path}: cannot read ({e.strerror or e})") from None
     if not isinstance(data, dict):
         raise WeightportError(f"{path}: expected a JSON object")
-    key = _non_finite_key(data)
+    _refuse_non_finite(path, data)
+    return data
+
+
+def _refuse_non_finite(path: Path, data) -> None:
+    try:
+        key = _non_finite_key(data)
+    except RecursionError:
+        raise WeightportError(f"{path}: nested too deep") from None
     if key:
         raise WeightportError(f"{path}: {key} is not a finite number (NaN or infinity); refused")
-    return data
 
 
 def load_yaml(path: Path, what: str = "YAML"):
@@ -65,7 +85,7 @@ def load_yaml(path: Path, what: str = "YAML"):
     check_regular(path)
     try:
         with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
+            data = yaml.safe_load(f)
     except FileNotFoundError:
         raise WeightportError(f"{path}: not found") from None
     except yaml.YAMLError as e:
@@ -74,6 +94,10 @@ def load_yaml(path: Path, what: str = "YAML"):
         raise WeightportError(f"{path}: not valid {what} (not UTF-8: {e.reason})") from None
     except RecursionError:
         raise WeightportError(f"{path}: not valid {what} (nested too deep)") from None
+    except OSError as e:
+        raise WeightportError(f"{path}: cannot read ({e.strerror or e})") from None
+    _refuse_non_finite(path, data)
+    return data
 
 
 def rope_theta(cfg: dict, default: float = 10000.0) -> float:
