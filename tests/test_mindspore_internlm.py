@@ -220,8 +220,8 @@ def test_mindformers_command_line(tmp_path, mindspore_peer, arch):
     out.parent.mkdir()
     proc = run_cli("mindformers", "--model", arch, "--input_path", hf_dir, "--output_path", out)
     assert proc.returncode == 0, proc.stderr
-    # as the root convert_weight.py's default --qkv_concat False: wq/wk/wv
-    assert "model.layers.0.attention.wq.weight" in ckpt_names(out)
+    # InternLM: wq/wk/wv always; InternLM2: wqkv kept fused by default, as its converter's own default
+    assert ("model.layers.0.attention.wq.weight" in ckpt_names(out)) == (arch == "internlm")
     proc = run_cli("mindformers", "--model", arch, "--reversed", "--input_path", out,
                    "--output_path", tmp_path / "back")
     assert proc.returncode == 0, proc.stderr
@@ -233,16 +233,17 @@ def test_mindformers_command_line(tmp_path, mindspore_peer, arch):
                            f"({cfg['architectures'][0]})\n")
     if arch == "internlm":
         return
-    fused = tmp_path / "fused" / "internlm2.ckpt"
-    fused.parent.mkdir()
-    proc = run_cli("mindformers", "--model", arch, "--qkv_concat", "True", "--input_path", hf_dir,
-                   "--output_path", fused)
-    assert proc.returncode == 0, proc.stderr
-    loaded = [n for n in ckpt_names(fused) if n.startswith("model.layers.0.attention.")]
+    loaded = [n for n in ckpt_names(out) if n.startswith("model.layers.0.attention.")]
     assert loaded == ["model.layers.0.attention.w.weight", "model.layers.0.attention.wo.weight"]
     expected = expected_internlm2({n: load_file(hf_dir / "model.safetensors")[n] for n, _ in spec}, "fused-interleaved")
-    assert_mindspore_holds(mindspore_peer, fused, tmp_path, expected, "Float32")
-    proc = run_cli("mindformers", "--model", arch, "--reversed", "--input_path", fused,
+    assert_mindspore_holds(mindspore_peer, out, tmp_path, expected, "Float32")
+    split = tmp_path / "split" / "internlm2.ckpt"
+    split.parent.mkdir()
+    proc = run_cli("mindformers", "--model", arch, "--qkv_concat", "False", "--input_path", hf_dir,
+                   "--output_path", split)
+    assert proc.returncode == 0, proc.stderr
+    assert "model.layers.0.attention.wq.weight" in ckpt_names(split)
+    proc = run_cli("mindformers", "--model", arch, "--reversed", "--input_path", split,
                    "--output_path", tmp_path / "b2")
     assert proc.returncode == 0, proc.stderr
     assert_same_tensors(src, tmp_path / "b2")

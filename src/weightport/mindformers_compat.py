@@ -29,6 +29,57 @@ NOT_YET = tuple(k for k in ("glm", "glm-n", "glm4", "baichuan2", "qwen", "qwenvl
                             "deepseek2", "deepseekv3", "gpt", "whisper", "telechat", "llava", "internvl2")
                 if k not in MODELS)
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+LLAMA_KEYS = tuple(k for ns in NAME_SETS if "llama" in ns.archs for k in ns.keys)
+
+# Where MindFormers' command line differs between releases, the one followed, per family: the last
+# release that has the family's converter (research/baichuan2, internlm and qwen were removed after
+# v1.3.2; research/internlm2, research/qwenvl and models/cogvlm2 after v1.5.0).
+RELEASES = {"baichuan2": "v1.3.2", "internlm": "v1.3.2", "qwen": "v1.3.2",
+            "internlm2": "v1.5.0", "qwenvl": "v1.5.0", "cogvlm2": "v1.5.0"}
+
+# MindFormers' root convert_weight.py hands every flag beyond --model/--reversed/--input_path/
+# --output_path/--dtype to the family's converter as a keyword argument, and each converter reads
+# only its own. These are the families whose forward converter reads each flag; the others ignore
+# it, and so does weightport (it says so): the layout never changes for a flag MindFormers ignores.
+READS = {
+    "qkv_concat": ("internlm2",) + LLAMA_KEYS,  # the Llama family: weightport's own meaning, see --help
+    "use_qkv_concat": ("qwenvl",),
+    "vit_num_head": ("qwenvl",),
+    "enable_emb_opt": ("qwenvl",),
+    "emb_strategy": ("qwenvl",),
+    "modal": ("cogvlm2",),
+    "sft": ("cogvlm2",),
+}
+
+EPILOG = """\
+Each family's own flags, as its MindFormers converter takes them (releases as in RELEASE):
+
+  family     RELEASE  flags (default)
+  baichuan2  v1.3.2   none: W_pack always split into wq/wk/wv
+  internlm   v1.3.2   none: wq/wk/wv/wo kept separate
+  qwen       v1.3.2   none: c_attn always split into wq/wk/wv
+  internlm2  v1.5.0   --qkv_concat BOOL (True): True keeps wqkv fused as attention.w,
+                      False splits it into wq/wk/wv. Default fused, as research/internlm2's
+                      converter itself, MindFormers v1.3.2's command line and every shipped
+                      InternLM2 yaml (qkv_concat: True); v1.5.0's command line passes
+                      qkv_concat=False when the flag is absent, so give --qkv_concat False for
+                      the file it writes by default (v1.3.2 reads any given value as true)
+  qwenvl     v1.5.0   --use_qkv_concat BOOL (False): True keeps c_attn whole as attention.w
+                      (the meaning of research/qwenvl/convert_weight.py's own flag; through
+                      MindFormers' root script the value arrives as a string, so there even
+                      False gives the fused file); --vit_num_head N (16 in MindFormers; here
+                      the config's, checked if given); --enable_emb_opt True (vocabulary
+                      padding) and --emb_strategy are refused / ignored; --qkv_concat is
+                      ignored, as MindFormers' qwenvl converter ignores it
+  cogvlm2    v1.5.0   --modal image|video (MindFormers: video; here: the checkpoint's, checked
+                      if given); --sft full (lora is refused)
+
+A flag the chosen family's converter does not read is accepted and ignored, as MindFormers'
+command line does, and the summary says so. Llama family (llama ... mixtral): --qkv_concat True
+writes MindFormers >= 1.5's fused w_qkv / w_gate_hidden in one step; that is weightport's own
+(MindFormers' llama convert_pt_to_ms ignores the flag; its qwen2_5 / llama scripts use it to
+re-fuse an existing .ckpt). glm-n / glm4 take the layout from --config. The same layouts are the
+defaults of `weightport convert --to mindspore` (InternLM2: fused there too)."""
 
 
 def _bool(text: str) -> bool:
@@ -42,6 +93,7 @@ def _bool(text: str) -> bool:
 def add_parser(sub) -> None:
     m = sub.add_parser(
         "mindformers", help="MindFormers' convert_weight.py command line (HF <-> MindSpore .ckpt)",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Same flags and meanings as MindFormers' `convert_weight.py`. Forward: --input_path is a "
                     "Hugging Face model directory (or a file inside it, as older MindFormers took), --output_path "
                     "the .ckpt to write; config.json and mindformers.yaml are written beside it unless present. "
@@ -53,15 +105,24 @@ def add_parser(sub) -> None:
     m.add_argument("--input_path", required=True, metavar="PATH", help="what to convert")
     m.add_argument("--output_path", required=True, metavar="PATH", help="where to write it")
     m.add_argument("--dtype", choices=list(DTYPES), help="dtype of the written weights (default: keep)")
-    m.add_argument("--qkv_concat", type=_bool, default=False, metavar="BOOL",
-                   help="forward: write fused w_qkv / w_gate_hidden in MindFormers >= 1.5's interleaved layout "
-                        "(as its --qkv_concat True does); reversed: the .ckpt is fused")
+    m.add_argument("--qkv_concat", type=_bool, default=None, metavar="BOOL",
+                   help="internlm2: True (default) keeps wqkv fused, False splits it (v1.5.0's meaning); "
+                        "Llama family: True writes MindFormers >= 1.5's fused interleaved w_qkv / w_gate_hidden "
+                        "(reversed: the .ckpt is that); other families: ignored, as their converters ignore it")
+    m.add_argument("--use_qkv_concat", type=_bool, default=None, metavar="BOOL",
+                   help="qwenvl: True keeps c_attn whole as attention.w (default False: wq/wk/wv)")
+    m.add_argument("--vit_num_head", type=int, metavar="N",
+                   help="qwenvl: the ViT's heads, checked against the config (MindFormers' default: 16)")
+    m.add_argument("--enable_emb_opt", type=_bool, default=None, metavar="BOOL",
+                   help="qwenvl: True (pad the vocabulary for embedding parallelism) is refused")
+    m.add_argument("--emb_strategy", type=int, metavar="N", help="qwenvl: only with --enable_emb_opt True")
     m.add_argument("--config", metavar="YAML",
                    help="a MindFormers model yaml whose qkv_concat / mlp_concat / use_rearrange_rope (glm-n) or "
                         "qkv_concat / use_gmm (llama family) say which layout to write (forward) or read (reversed), "
                         "as MindFormers' glm converter takes it; glm-n without it: fused, as ChatGLM2Config defaults")
     m.add_argument("--modal", choices=["image", "video"],
                    help="cogvlm2: checked against the checkpoint (CogVLM2 image or video model)")
+    m.add_argument("--sft", choices=["full", "lora"], help="cogvlm2: full (lora is refused)")
     m.add_argument("--n_head", type=int, metavar="N", help="checked against the config: attention heads")
     m.add_argument("--hidden_size", type=int, metavar="N", help="checked against the config: hidden size")
     m.add_argument("--layers", type=int, metavar="N", help="checked against the config: number of layers")
@@ -69,7 +130,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> str:
-    """Runs the conversion; returns a one-line summary."""
+    """Runs the conversion; returns a one-line summary (and a line per note)."""
     if args.model in NOT_YET:
         raise WeightportError(f"--model {args.model}: in MindFormers' table, but weightport does not convert it yet "
                               f"(supported: {', '.join(MODELS)})")
@@ -79,16 +140,17 @@ def run(args) -> str:
     if not args.reversed and src.is_file():
         src = src.parent  # MindFormers <= 1.3 took a file inside the HF directory
     dtype = DTYPES[args.dtype] if args.dtype else "auto"
-    layout = _layout(args)
+    notes = _ignored(args)
+    layout = _layout(args, notes)
     if args.reversed:
-        plan = api.plan_conversion(src, out, "hf", source_format="mindspore", dtype=dtype, source_layout=layout)
-        _check(args, plan)
+        plan = _plan(args, src, out, "hf", dtype=dtype, source_format="mindspore", source_layout=layout)
+        _check(args, plan, notes)
         plan.source.close()
         api.convert(src, out, "hf", source_format="mindspore", dtype=dtype, force=args.force, source_layout=layout)
-        return f"wrote {out}"
+        return _summary(f"wrote {out}", notes)
     work = out.parent / f".{out.name}.weightport-dir-{os.getpid()}"
-    plan = api.plan_conversion(src, work, "mindspore", source_format="hf", dtype=dtype, layout=layout)
-    _check(args, plan)
+    plan = _plan(args, src, work, "mindspore", dtype=dtype, source_format="hf", layout=layout)
+    _check(args, plan, notes)
     plan.source.close()
     if out.exists() and not args.force:
         raise WeightportError(f"{out}: already exists; pass --force to replace it")
@@ -102,44 +164,124 @@ def run(args) -> str:
                 kept.append(name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return f"wrote {out}" + (f" (and {', '.join(kept)} beside it)" if kept else "")
+    return _summary(f"wrote {out}" + (f" (and {', '.join(kept)} beside it)" if kept else ""), notes)
 
 
-def _layout(args) -> str | None:
+def _plan(args, src: Path, out: Path, to: str, **kw):
+    """The plan, with the --model key's layout; where that fails, a model of another family is the
+    likelier cause, and _check says so first."""
+    try:
+        return api.plan_conversion(src, out, to, **kw)
+    except WeightportError:
+        if kw.get("layout") is None and kw.get("source_layout") is None:
+            raise
+        plan = api.plan_conversion(src, out, to, **{**kw, "layout": None, "source_layout": None})
+        try:
+            _check(args, plan, [])
+        finally:
+            plan.source.close()
+        raise
+
+
+def _summary(line: str, notes: list[str]) -> str:
+    return "\n".join([line] + [f"note: {n}" for n in notes])
+
+
+def _ignored(args) -> list[str]:
+    """Notes for the given flags the family's converter does not read (MindFormers ignores them)."""
+    notes = []
+    for flag, readers in READS.items():
+        value = getattr(args, flag, None)
+        if value is None or args.model in readers:
+            continue
+        if flag == "qkv_concat" and args.model in ("glm-n", "glm4"):
+            notes.append(f"--qkv_concat ignored, as MindFormers' {args.model} converter ignores it; "
+                         "its layout comes from --config")
+            continue
+        hint = " (--use_qkv_concat True writes its fused layout)" if flag == "qkv_concat" and args.model == "qwenvl" else ""
+        notes.append(f"--{flag} ignored, as MindFormers' {args.model} converter ignores it{hint}")
+    if args.model == "qwenvl":
+        if args.enable_emb_opt:
+            raise WeightportError("--enable_emb_opt True: MindFormers pads the embedding and lm_head rows to a "
+                                  "multiple of 512 x --emb_strategy; weightport writes no padded vocabulary")
+        if args.emb_strategy is not None:
+            notes.append("--emb_strategy ignored without --enable_emb_opt True, as MindFormers' qwenvl converter "
+                         "ignores it")
+    if args.model == "cogvlm2" and args.sft == "lora":
+        raise WeightportError("--sft lora: weightport does not write the names of MindFormers' CogVLM2 LoRA model "
+                              "(pet_model.lora_model.)")
+    return notes
+
+
+def _layout(args, notes: list[str]) -> str | None:
     """The layout to write (forward) or read (reversed); None: the family's default, or on read
     whatever the file and its yaml say. MindFormers' glm converter takes it from the model yaml
-    (--config); its Llama family from --qkv_concat (the >= 1.5 interleaved fusion)."""
-    concat = args.qkv_concat
+    (--config); InternLM2's from --qkv_concat, Qwen-VL's from --use_qkv_concat; the Llama family
+    from --qkv_concat as weightport's own shortcut (the >= 1.5 interleaved fusion)."""
     if args.config:
         data = load_yaml(Path(args.config))
         _, layout = mindformers_yaml(data if isinstance(data, dict) else {}, args.config)
         if layout is not None:
             return layout
         concat = bool(data["model"]["model_config"].get("qkv_concat"))
+        if args.model in LLAMA_KEYS and concat:
+            return "fused-interleaved"
+        return None if args.reversed else _default(args)
+    if args.model == "internlm2":
+        if args.reversed:
+            if args.qkv_concat is not None:
+                notes.append("--qkv_concat ignored with --reversed: the .ckpt's names say whether wqkv is fused")
+            return None
+        return "fused-interleaved" if args.qkv_concat in (None, True) else "separate"
+    if args.model == "qwenvl":
+        if args.reversed:
+            if args.use_qkv_concat is not None:
+                notes.append("--use_qkv_concat ignored with --reversed: the .ckpt's names say whether c_attn is whole")
+            return None
+        return "fused" if args.use_qkv_concat else "separate"
+    if args.model in LLAMA_KEYS and args.qkv_concat:
+        layouts = BY_ARCH[MODELS[args.model][0]].layouts
+        return next(l for l in ("fused-interleaved", "fused") if l in layouts)
+    return None if args.reversed else _default(args)
+
+
+def _default(args) -> str | None:
+    """What the family's converter writes with no layout flag: its split layout where it has one
+    (the root script's --qkv_concat defaults to False), glm-n's fused (ChatGLM2Config's)."""
+    if args.model in ("glm-n", "glm4"):
+        return None
     layouts = BY_ARCH[MODELS[args.model][0]].layouts
-    if not concat:
-        # the root script's --qkv_concat defaults to False: the split layout, where there is one
-        glm = args.model in ("glm-n", "glm4")
-        return None if args.reversed or glm or "separate" not in layouts else "separate"
-    # the converters that take the flag: Llama family and InternLM2 (interleaved), Qwen-VL (plain)
-    fused = next((l for l in ("fused-interleaved", "fused") if l in layouts), None)
-    if fused is None or args.model in ("glm-n", "glm4"):
-        raise WeightportError(f"--qkv_concat: MindFormers' {args.model} converter has no such option"
-                              + (" (its layout comes from --config)" if args.model in ("glm-n", "glm4") else ""))
-    return fused
+    return "separate" if "separate" in layouts else None
 
 
-def _check(args, plan) -> None:
+def _check(args, plan, notes: list[str]) -> None:
     model = plan.source.model
-    if model.arch.name not in MODELS[args.model]:
+
+    def refuse(message: str) -> None:
         plan.source.close()
-        raise WeightportError(f"--model {args.model}: {args.input_path} is a {model.arch.name} model "
-                              f"({model.arch.hf_class})")
-    if args.modal and model.arch.name.startswith("cogvlm2"):
+        raise WeightportError(message)
+
+    if model.arch.name not in MODELS[args.model]:
+        refuse(f"--model {args.model}: {args.input_path} is a {model.arch.name} model ({model.arch.hf_class})")
+    visual = model.config.get("visual") if model.arch.name == "qwen" else None
+    if args.model == "qwenvl" and not visual:
+        refuse(f"--model qwenvl: {args.input_path} is a Qwen (1) model without a vision encoder (use --model qwen)")
+    if args.model == "qwen" and visual:
+        refuse(f"--model qwen: {args.input_path} is a Qwen-VL model (use --model qwenvl)")
+    if visual and not args.reversed:
+        heads = visual["heads"]
+        if args.vit_num_head is not None and args.vit_num_head != heads:
+            refuse(f"--vit_num_head {args.vit_num_head}: the config's vision encoder has {heads} heads")
+        if args.vit_num_head is None and heads != 16:
+            notes.append(f"the ViT's in_proj is split per the config's {heads} heads (MindFormers' qwenvl "
+                         "converter assumes 16 unless --vit_num_head says otherwise)")
+    if model.arch.name.startswith("cogvlm2"):
         modal = "video" if model.arch.name.endswith("video") else "image"
-        if args.modal != modal:
-            plan.source.close()
-            raise WeightportError(f"--modal {args.modal}: {args.input_path} is a CogVLM2 {modal} model")
+        if args.modal and args.modal != modal:
+            refuse(f"--modal {args.modal}: {args.input_path} is a CogVLM2 {modal} model")
+        if not args.modal and modal == "image" and not args.reversed:
+            notes.append("converted as --modal image, the checkpoint's (MindFormers' default --modal video "
+                         "would rename an image model's weights as its video model's)")
     for flag, value in (("n_head", model.dims.n_head), ("hidden_size", model.dims.hidden),
                         ("layers", model.dims.n_layer)):
         given = getattr(args, flag)
