@@ -1,4 +1,4 @@
-"""weightport's HF -> MindSpore `.ckpt` against MindFormers' own Llama converter.
+"""weightport's HF -> MindSpore `.ckpt` against MindFormers' own Llama and CogVLM2 converters.
 
 The peer (tests/peers/mindformers_peer.py) runs `mindformers.models.llama.convert_weight.
 convert_pt_to_ms` unmodified on the same Hugging Face directory. Both files are read twice: with
@@ -11,6 +11,11 @@ embeddings weightport writes lm_head right after the embedding it is tied to, Mi
 Importing transformers and mindspore costs most of a peer run, so every case is converted up
 front by one module fixture: one MindFormers process for all conversions, one MindSpore process
 for all loads. Each test then checks its own case (and reports its own failure).
+
+CogVLM2 (the end of this file): its converter is in no mindformers wheel after 1.3.2, so the
+fixture downloads that wheel with pip (pinned by sha256) and the peer runs
+`mindformers/models/cogvlm2/convert_weight.py` from it, unmodified, as MindFormers' root script
+calls it; both files are compared through mindspore.load_checkpoint inside the peer.
 """
 
 from __future__ import annotations
@@ -175,3 +180,113 @@ def test_single_conversion_command_line(tmp_path, mindformers_peer):
     src = load_file(hf_dir / "model.safetensors")
     assert torch.equal(view["model.layers.0.attention.wq.weight"][2],
                        src["model.layers.0.self_attn.q_proj.weight"].to(torch.bfloat16))
+
+
+# ---- CogVLM2: MindFormers' own cogvlm2 converter, from the mindformers 1.3.2 wheel
+
+# The last mindformers wheel on PyPI with mindformers/models/cogvlm2/convert_weight.py (its converter
+# is the same file in the v1.5.0 sources); pinned by hash, so the code run is the code read.
+COGVLM2_WHEEL = "mindformers==1.3.2"
+COGVLM2_WHEEL_SHA256 = "e3c96ac5b08b8f2cd34b89883dd49f4a250555c7b615251543ba76b44f16353e"
+# CogVLM2-Video-Llama3's sizes where MindFormers' converter hard-codes them: it cuts the language
+# expert's qkv at rows 4096 and 5120 (q = hidden 4096, k = v = 8 kv heads x 128)
+COGVLM2_19B = {"hidden_size": 4096, "num_attention_heads": 32, "num_multi_query_heads": 8, "num_hidden_layers": 1,
+               "intermediate_size": 16, "vocab_size": 16}
+# case: (modal, config overrides, source dtype, weightport dtype= / peer --dtype, --modal given to both)
+COGVLM2 = {
+    "image-fp32": ("image", {}, torch.float32, None, "image"),
+    "image-to-bf16": ("image", {}, torch.float32, "bf16", "image"),
+    "video-19b-sizes-bf16": ("video", COGVLM2_19B, torch.bfloat16, None, None),  # --modal video is its default
+    "video-tiny": ("video", {}, torch.float32, None, "video"),
+}
+FREQS = "llm_model.model.freqs_mgr.freqs"  # its copy of the rotary inv_freq buffer; weightport leaves it out
+
+
+@pytest.fixture(scope="module")
+def cogvlm2_wheel(tmp_path_factory) -> Path:
+    """mindformers 1.3.2's wheel, downloaded with pip at test time (nothing of it is kept in the repo)."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    d = tmp_path_factory.mktemp("wheel")
+    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                           "--disable-pip-version-check", "-q", "-d", str(d), COGVLM2_WHEEL],
+                          capture_output=True, text=True)
+    wheels = sorted(d.glob("mindformers-1.3.2-*.whl"))
+    if proc.returncode != 0 or len(wheels) != 1:
+        why = f"pip download {COGVLM2_WHEEL} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    assert hashlib.sha256(wheels[0].read_bytes()).hexdigest() == COGVLM2_WHEEL_SHA256, "not the wheel read"
+    return wheels[0]
+
+
+@pytest.fixture(scope="module")
+def cogvlm2_converted(tmp_path_factory, mindformers_peer, cogvlm2_wheel) -> dict[str, dict]:
+    """Every COGVLM2 case converted by weightport's `mindformers --model cogvlm2` and by MindFormers'
+    converter (one peer process), both read back there with mindspore.load_checkpoint."""
+    from test_mindspore_cogvlm2 import CONFIGS as COG_CONFIGS
+    from test_mindspore_cogvlm2 import build_cogvlm2
+    from weightport import cli
+
+    root = tmp_path_factory.mktemp("cogvlm2_peer")
+    cases, jobs = {}, []
+    for case, (modal, over, src_dtype, dtype, flag) in COGVLM2.items():
+        d = root / case
+        hf = build_cogvlm2(d / "hf", modal, {**COG_CONFIGS[modal], **over}, dtype=src_dtype)
+        ours = d / "wp" / "cogvlm2.ckpt"
+        ours.parent.mkdir()
+        argv = ["mindformers", "--model", "cogvlm2", "--input_path", str(hf), "--output_path", str(ours)]
+        argv += (["--dtype", dtype] if dtype else []) + (["--modal", flag] if flag else [])
+        c = cases[case] = {"hf": hf, "code": cli.main(argv)}
+        jobs.append({"model": "cogvlm2", "wheel": cogvlm2_wheel, "hf_dir": hf, "out_ckpt": d / "mf" / "model.ckpt",
+                     "dtype": dtype, "modal": flag, "compare_with": ours})
+    peer = mindformers_peer.convert_many(jobs, root)
+    for c, r in zip(cases.values(), peer["results"]):
+        c.update(r)
+    return cases
+
+
+def _cog_case(cogvlm2_converted, case):
+    c = cogvlm2_converted[case]
+    if c["code"] != 0:
+        pytest.fail(f"weightport mindformers --model cogvlm2 exited {c['code']}", pytrace=False)
+    if "error" in c:
+        pytest.fail("MindFormers' cogvlm2 converter failed:\n" + c["error"], pytrace=False)
+    return c
+
+
+@pytest.mark.parametrize("case", [c for c in COGVLM2 if c != "video-tiny"])
+def test_cogvlm2_ckpt_matches_mindformers_converter(cogvlm2_converted, case):
+    """Name for name, shape, dtype and value, as mindspore.load_checkpoint reads both files; the
+    only record MindFormers has beyond weightport's is its copy of the rotary inv_freq buffer."""
+    c = _cog_case(cogvlm2_converted, case)
+    ours, theirs = c["compare"]["ours"], c["compare"]["theirs"]
+    extra = set(theirs) - set(ours)
+    assert extra == {FREQS}, sorted(extra)
+    assert not set(ours) - set(theirs), sorted(set(ours) - set(theirs))
+    assert {n: theirs[n] for n in ours} == ours
+    assert c["compare"]["values_differ"] == []
+    want = {"image-fp32": "Float32", "image-to-bf16": "BFloat16", "video-19b-sizes-bf16": "BFloat16"}[case]
+    assert {d for _, d in ours.values()} == {want}
+    if case.startswith("video"):
+        assert ours["llm_model.model.layers.0.attention.wk.weight"][0] == [1024, 4096]
+
+
+def test_cogvlm2_video_of_other_sizes_mindformers_cuts_qkv_at_4096(cogvlm2_converted):
+    """Off the 19B sizes MindFormers' cut (rows :4096, 4096:5120, 5120:) is wrong: on this 64-wide
+    model its wq holds every qkv row and wk / wv are empty (load_checkpoint drops them); weightport
+    cuts by the config. Every other record is the same."""
+    c = _cog_case(cogvlm2_converted, "video-tiny")
+    ours, theirs = c["compare"]["ours"], c["compare"]["theirs"]
+    wq, wk = "llm_model.model.layers.{}.attention.wq.weight", "llm_model.model.layers.{}.attention.wk.weight"
+    for l in range(2):
+        assert ours[wq.format(l)][0] == [64, 64] and theirs[wq.format(l)][0] == [128, 64]
+        assert ours[wk.format(l)][0] == [32, 64] and wk.format(l) not in theirs
+    split = {n for n in ours if ".attention.w" in n and n.rsplit(".", 2)[-2] in ("wq", "wk", "wv")}
+    assert set(theirs) - set(ours) == {FREQS}
+    assert {n: theirs[n] for n in set(ours) - split} == {n: ours[n] for n in set(ours) - split}
+    assert set(c["compare"]["values_differ"]) <= split

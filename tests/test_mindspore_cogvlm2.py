@@ -6,7 +6,8 @@ is no transformers model to run and no logits to compare: the source directory i
 the names and shapes of modeling_cogvlm.py and visual.py, spelled out below independently of
 weightport's declaration, and the expected MindFormers tensors are worked out here from what
 MindFormers' cogvlm2 convert_weight.py does. Its model code was removed from MindFormers in June
-2025 (the installed 2.0.0 has none), so its converter cannot be run as a peer.
+2025 (the installed 2.0.0 has none); tests/test_mindformers_peer.py runs the converter itself from
+the mindformers 1.3.2 wheel on these inputs.
 
 The Hub's config.json has no model_type (CogVLMConfig declares none); weightport then takes the
 architecture from `architectures`, which test_hub_config_without_model_type checks; the other
@@ -49,7 +50,8 @@ HD = BASE["hidden_size"] // BASE["num_attention_heads"]
 def _hub_tensors(cfg) -> dict[str, tuple[int, ...]]:
     """What the Hub's modeling_cogvlm.py / visual.py save, with FastRotaryEmbedding's inv_freq buffer."""
     E, I, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    qkv = E + 2 * cfg["num_multi_query_heads"] * HD
+    hd = E // cfg["num_attention_heads"]
+    qkv = E + 2 * cfg["num_multi_query_heads"] * hd
     vc = cfg["vision_config"]
     H, VI, P = vc["hidden_size"], vc["intermediate_size"], vc["patch_size"]
     image = cfg["architectures"] == ["CogVLMForCausalLM"]
@@ -58,7 +60,7 @@ def _hub_tensors(cfg) -> dict[str, tuple[int, ...]]:
         p = f"model.layers.{l}"
         experts = ("language", "vision") if image else ("language",)
         out |= {f"{p}.input_layernorm.weight": (E,), f"{p}.post_attention_layernorm.weight": (E,),
-                f"{p}.self_attn.rotary_emb.inv_freq": (HD // 2,)}
+                f"{p}.self_attn.rotary_emb.inv_freq": (hd // 2,)}
         for e in experts:
             out |= {f"{p}.self_attn.{e}_expert_query_key_value.weight": (qkv, E),
                     f"{p}.self_attn.{e}_expert_dense.weight": (E, E),
@@ -84,12 +86,13 @@ def _hub_tensors(cfg) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def build_cogvlm2(path, modal, cfg=None):
+def build_cogvlm2(path, modal, cfg=None, dtype=torch.float32):
     cfg = cfg or CONFIGS[modal]
     path.mkdir(parents=True)
     g = torch.Generator().manual_seed(11)
-    tensors = {n: torch.randn(s, generator=g) for n, s in _hub_tensors(cfg).items()}
-    inv_freq = 1.0 / (500000 ** (torch.arange(0, HD, 2).float() / HD))
+    tensors = {n: torch.randn(s, generator=g).to(dtype) for n, s in _hub_tensors(cfg).items()}
+    hd = cfg["hidden_size"] // cfg["num_attention_heads"]
+    inv_freq = 1.0 / (500000 ** (torch.arange(0, hd, 2).float() / hd))
     tensors |= {n: inv_freq.clone() for n in tensors if n.endswith("rotary_emb.inv_freq")}
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(cfg, indent=2))

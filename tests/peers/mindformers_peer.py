@@ -40,8 +40,16 @@ Run it as a subprocess with the test venv's Python: importing mindspore changes 
 "transformers": version[, "output": OUT_CKPT]}. `batch` runs many conversions in one process
 (importing transformers and mindspore costs most of a run): JOB_JSON is {"jobs": [{"hf_dir",
 "out_ckpt", "dtype": "fp32" | "fp16" | "bf16" | null}]} (a glm-n job adds "model": "glm-n",
-"config": yaml, "order": [state_dict names]), RESULT_JSON gets the versions and one
-{"output"} or {"error": traceback} per job, in order.
+"config": yaml, "order": [state_dict names]; a cogvlm2 job adds "model": "cogvlm2", "wheel": the
+mindformers 1.3.2 wheel, "modal"; any job may add "compare_with": weightport's .ckpt), RESULT_JSON
+gets the versions and one {"output"[, "compare"]} or {"error": traceback} per job, in order.
+
+CogVLM2 (`cogvlm2` jobs): MindFormers removed mindformers/models/cogvlm2 in June 2025, so the
+installed 2.0.0 has no such converter; the test downloads the 1.3.2 wheel from PyPI with pip (no
+code of it is kept in this repository) and this script reads the converter and its convert_utils
+from that zip, unmodified, under the same stand-in packages. "compare" loads weightport's and
+MindFormers' files with `mindspore.load_checkpoint` here and reports names, shapes, dtypes and
+which values differ, so that big files (the 4096-wide case) need no .npy dumps.
 """
 
 import argparse
@@ -204,6 +212,71 @@ def convert_llama(hf_dir: str, out_ckpt: str, dtype: str | None) -> dict:
     return {"output": out_ckpt}
 
 
+@functools.cache
+def load_cogvlm2_converter(wheel: str) -> types.ModuleType:
+    """MindFormers' own `mindformers.models.cogvlm2.convert_weight`, as the given wheel ships it
+    (1.3.2, the last on PyPI with it; its code is the same in the v1.5.0 sources), with the wheel's
+    own `mindformers.utils.convert_utils` (pt2ms), both read straight from the zip, unmodified."""
+    import zipfile
+
+    root = _package_dir()
+    _stand_ins(root)
+    _stand_in("mindformers.models.cogvlm2", root / "models" / "cogvlm2")
+    members = {"utils": "mindformers/utils/convert_utils.py", "cogvlm2": "mindformers/models/cogvlm2/convert_weight.py"}
+    with zipfile.ZipFile(wheel) as z:
+        code = {k: z.read(m).decode("utf-8") for k, m in members.items()}
+    installed = sys.modules["mindformers.utils.convert_utils"]
+    try:
+        # the converter binds `pt2ms` at import: from the wheel's convert_utils, not the installed one
+        utils = types.ModuleType("mindformers.utils.convert_utils")
+        utils.__file__ = f"{wheel}!/{members['utils']}"
+        sys.modules[utils.__name__] = utils
+        exec(compile(code["utils"], utils.__file__, "exec"), utils.__dict__)
+        conv = types.ModuleType("mindformers.models.cogvlm2.convert_weight")
+        conv.__file__ = f"{wheel}!/{members['cogvlm2']}"
+        sys.modules[conv.__name__] = conv
+        exec(compile(code["cogvlm2"], conv.__file__, "exec"), conv.__dict__)
+    finally:
+        sys.modules["mindformers.utils.convert_utils"] = installed
+    return conv
+
+
+def convert_cogvlm2(hf_dir: str, out_ckpt: str, wheel: str, dtype: str | None, modal: str | None) -> dict:
+    """What MindFormers 1.3.2's root `convert_weight.py --model cogvlm2 --input_path HF_DIR --output_path
+    OUT [--dtype D] [--modal M]` does: `convert_pt_to_ms(input_path=, output_path=, dtype=<ms dtype or
+    None>, **extra)`, the extra keywords being its other flags' defaults and --modal as a string."""
+    import mindspore as ms
+
+    dtypes = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
+    conv = load_cogvlm2_converter(wheel)
+    extra = {"n_head": 32, "hidden_size": 4096, "layers": 12, "is_pretrain": False, "telechat_type": "telechat_12b"}
+    if modal:
+        extra["modal"] = modal
+    Path(out_ckpt).parent.mkdir(parents=True, exist_ok=True)
+    conv.convert_pt_to_ms(input_path=hf_dir, output_path=out_ckpt, dtype=dtypes[dtype] if dtype else None, **extra)
+    print(flush=True)
+    if not Path(out_ckpt).is_file():
+        raise SystemExit(f"MindFormers' converter wrote no {out_ckpt}")
+    return {"output": out_ckpt}
+
+
+def compare(ours: str, theirs: str) -> dict:
+    """Both files through `mindspore.load_checkpoint`: {name: [shape, dtype]} of each, and the names
+    whose values differ (bf16 compared as float32, exactly). Done here, so big files need no dumps."""
+    import mindspore as ms
+    import numpy as np
+
+    a, b = ms.load_checkpoint(ours), ms.load_checkpoint(theirs)
+
+    def value(p):
+        return p.float().asnumpy() if str(p.dtype) == "BFloat16" else p.asnumpy()
+
+    differ = sorted(n for n in a.keys() & b.keys() if a[n].shape == b[n].shape and str(a[n].dtype) == str(b[n].dtype)
+                    and not np.array_equal(value(a[n]), value(b[n])))
+    return {"ours": {n: [list(p.shape), str(p.dtype)] for n, p in a.items()},
+            "theirs": {n: [list(p.shape), str(p.dtype)] for n, p in b.items()}, "values_differ": differ}
+
+
 def batch(job_path: str, result_path: str) -> None:
     import traceback
 
@@ -215,8 +288,13 @@ def batch(job_path: str, result_path: str) -> None:
             if job.get("model") == "glm-n":
                 results.append(convert_glm(job["hf_dir"], job["out_ckpt"], job["config"], job["order"],
                                            job.get("dtype")))
+            elif job.get("model") == "cogvlm2":
+                results.append(convert_cogvlm2(job["hf_dir"], job["out_ckpt"], job["wheel"], job.get("dtype"),
+                                               job.get("modal")))
             else:
                 results.append(convert_llama(job["hf_dir"], job["out_ckpt"], job.get("dtype")))
+            if job.get("compare_with") and "output" in results[-1]:
+                results[-1]["compare"] = compare(job["compare_with"], job["out_ckpt"])
         except BaseException:  # SystemExit too: one bad job must not hide the others
             results.append({"error": traceback.format_exc()})
     with open(result_path, "w", encoding="utf-8") as f:
