@@ -175,8 +175,11 @@ def test_help_says_which_release_each_family_follows():
     proc = run_cli("mindformers", "--help")
     assert proc.returncode == 0
     text = " ".join(proc.stdout.split())
-    for family, release in (("baichuan2", "v1.3.2"), ("internlm", "v1.3.2"), ("qwen", "v1.3.2"),
-                            ("internlm2", "v1.5.0"), ("qwenvl", "v1.5.0"), ("cogvlm2", "v1.5.0")):
+    from weightport.mindformers_compat import RELEASES
+
+    assert RELEASES == {"baichuan2": "v1.3.2", "internlm": "v1.3.2", "qwen": "v1.3.2",
+                        "internlm2": "v1.5.0", "qwenvl": "v1.5.0", "cogvlm2": "v1.5.0"}
+    for family, release in RELEASES.items():
         assert f" {family} {release} " in text, family
     assert "--use_qkv_concat BOOL" in text and "--qkv_concat BOOL (True)" in text
     assert "Default fused" in text

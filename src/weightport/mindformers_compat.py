@@ -2,10 +2,11 @@
 
     python convert_weight.py --model llama [--reversed] --input_path IN --output_path OUT [--dtype bf16]
 
-means the same here, with no MindSpore installed and streaming. Differences, on purpose: the
-reverse direction writes a Hugging Face directory (config, safetensors, tokenizer) where
-MindFormers writes a bare torch pickle, and the forward direction also leaves the config.json and
-MindFormers yaml next to the .ckpt so it converts back exactly.
+means the same here, with no MindSpore installed and streaming; each family's own flags mean what
+its converter makes of them, in the release RELEASES names (docs/mindspore.md has the table).
+Differences, on purpose: the reverse direction writes a Hugging Face directory (config,
+safetensors, tokenizer) where MindFormers writes a bare torch pickle, and the forward direction
+also leaves the config.json and MindFormers yaml next to the .ckpt so it converts back exactly.
 """
 
 from __future__ import annotations
@@ -52,9 +53,10 @@ READS = {
 }
 
 EPILOG = """\
-Each family's own flags, as its MindFormers converter takes them (releases as in RELEASE):
+Each family's own flags, as its MindFormers converter takes them; where MindFormers' releases
+differ, the one followed (the last that has the family's converter):
 
-  family     RELEASE  flags (default)
+  family     release  flags (default)
   baichuan2  v1.3.2   none: W_pack always split into wq/wk/wv
   internlm   v1.3.2   none: wq/wk/wv/wo kept separate
   qwen       v1.3.2   none: c_attn always split into wq/wk/wv
