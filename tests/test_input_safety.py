@@ -232,6 +232,55 @@ def test_peft_export_can_be_replaced_with_force(hf, litgpt_peer, tmp_path):
     assert check.returncode == 0 and "verdict:  intact" in check.stdout, check.stdout + check.stderr
 
 
+def test_mindformers_command_protects_its_inputs(hf, tmp_path):
+    """`weightport mindformers` (MindFormers' own flags) follows the same rules: --output_path may not lie
+    in --input_path or --config's directory, and --force replaces only a MindSpore checkpoint."""
+    src = copy_dir(hf, tmp_path / "hf")
+    before = tree_digest(src)
+    inside = src / "model.ckpt"
+    one_line_error(cli("mindformers", "--model", "llama", "--input_path", src, "--output_path", inside, "--force"),
+                   f"{inside}: is, contains or lies inside the input {src} (--input_path); choose another output")
+    cfg_dir = tmp_path / "cfg"
+    cfg_dir.mkdir()
+    (cfg_dir / "llama.yaml").write_text("model:\n  model_config:\n    qkv_concat: false\n")
+    one_line_error(cli("mindformers", "--model", "llama", "--input_path", src, "--config", cfg_dir / "llama.yaml",
+                       "--output_path", cfg_dir / "out.ckpt"),
+                   f"{cfg_dir / 'out.ckpt'}: is, contains or lies inside the input {cfg_dir / 'llama.yaml'} "
+                   "(--config); choose another output")
+    assert sorted(p.name for p in cfg_dir.iterdir()) == ["llama.yaml"]
+
+    out = tmp_path / "ms" / "model.ckpt"
+    out.parent.mkdir()
+    out.write_text("my notes")
+    for flags in ([], ["--force"]):
+        proc = cli("mindformers", "--model", "llama", "--input_path", src, "--output_path", out, *flags)
+        assert proc.returncode == 1 and out.read_text() == "my notes"
+    one_line_error(proc, f"{out}: is not a MindSpore checkpoint; not replaced (pass --delete-existing to replace "
+                         "it anyway)")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.ckpt"]
+    assert cli("mindformers", "--model", "llama", "--input_path", src, "--output_path", out,
+               "--delete-existing").returncode == 0
+    first = out.read_bytes()
+    assert first[:8] != b"my notes"
+    assert cli("mindformers", "--model", "llama", "--input_path", src, "--output_path", out, "--force",
+               "--dtype", "fp16").returncode == 0  # a checkpoint: --force is enough
+    assert out.read_bytes() != first
+    assert tree_digest(src) == before
+
+    # reversed: a directory of the user's files is not replaced with --force, and the .ckpt is an input
+    back = tmp_path / "back"
+    back.mkdir()
+    (back / "thesis.txt").write_text("years of work")
+    proc = cli("mindformers", "--model", "llama", "--reversed", "--input_path", out, "--output_path", back, "--force")
+    one_line_error(proc, f"{back}: holds 1 file(s) that no weightport manifest in it lists (thesis.txt); not "
+                         "replaced (pass --delete-existing to delete it anyway)")
+    assert (back / "thesis.txt").read_text() == "years of work"
+    one_line_error(cli("mindformers", "--model", "llama", "--reversed", "--input_path", out, "--output_path",
+                       out.parent / "hf"),
+                   f"{out.parent / 'hf'}: is, contains or lies inside the input {out} (--input_path); choose another "
+                   "output")
+
+
 # -- 3. SIGTERM and SIGHUP are Ctrl-C ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")

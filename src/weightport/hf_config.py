@@ -80,12 +80,35 @@ def _refuse_non_finite(path: Path, data) -> None:
         raise WeightportError(f"{path}: {key} is not a finite number (NaN or infinity); refused")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, refusing a mapping that gives a key twice (PyYAML keeps the last; YAML says keys are
+    unique). Keys a `<<` merge brings in may still be overridden, as YAML means them to be."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key)
+                    seen.add(key)
+                except TypeError:  # an unhashable key: the constructor says so
+                    pass
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: Path, what: str = "YAML"):
-    """A YAML file's data (safe_load: plain types only); bad or hostile text is one WeightportError."""
+    """A YAML file's data (safe_load: plain types only); bad or hostile text is one WeightportError,
+    and so is a key given twice or a NaN or infinity (as in JSON configs)."""
     check_regular(path)
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except _DuplicateKey as e:
+        raise WeightportError(f"{path}: key {e.args[0]!r} is given twice; refused") from None
     except FileNotFoundError:
         raise WeightportError(f"{path}: not found") from None
     except yaml.YAMLError as e:

@@ -20,6 +20,8 @@ from pathlib import Path
 from . import api
 from .errors import WeightportError
 from .hf_config import load_yaml
+from .io.ms_ckpt import MsCkptFile
+from .paths import check_not_input, check_regular, check_replaceable
 from .formats.mindformers import BY_ARCH, NAME_SETS
 from .formats.mindformers import from_yaml as mindformers_yaml
 
@@ -128,7 +130,12 @@ def add_parser(sub) -> None:
     m.add_argument("--n_head", type=int, metavar="N", help="checked against the config: attention heads")
     m.add_argument("--hidden_size", type=int, metavar="N", help="checked against the config: hidden size")
     m.add_argument("--layers", type=int, metavar="N", help="checked against the config: number of layers")
-    m.add_argument("--force", action="store_true", help="replace --output_path if it exists")
+    m.add_argument("--force", action="store_true",
+                   help="replace an existing --output_path that weightport could have written: forward, a "
+                        "MindSpore .ckpt; reversed, a directory its weightport-manifest.json accounts for")
+    m.add_argument("--delete-existing", action="store_true",
+                   help="replace --output_path whatever it holds (a file that is not a checkpoint, a directory of "
+                        "other files). --input_path and --config are never replaced, with any flag")
 
 
 def run(args) -> str:
@@ -141,21 +148,26 @@ def run(args) -> str:
     src, out = Path(args.input_path), Path(args.output_path)
     if not args.reversed and src.is_file():
         src = src.parent  # MindFormers <= 1.3 took a file inside the HF directory
+    inputs = {"--input_path": src, "--config": args.config}
+    api.check_inputs(inputs)
+    check_not_input(out, inputs)
     dtype = DTYPES[args.dtype] if args.dtype else "auto"
     notes = _ignored(args)
     layout = _layout(args, notes)
     if args.reversed:
+        check_replaceable(out, args.force, args.delete_existing)
         plan = _plan(args, src, out, "hf", dtype=dtype, source_format="mindspore", source_layout=layout)
         _check(args, plan, notes)
         plan.source.close()
-        api.convert(src, out, "hf", source_format="mindspore", dtype=dtype, force=args.force, source_layout=layout)
+        api.convert(src, out, "hf", source_format="mindspore", dtype=dtype, force=args.force,
+                    delete_existing=args.delete_existing, source_layout=layout)
         return _summary(f"wrote {out}", notes)
+    _check_ckpt_replaceable(out, args.force, args.delete_existing)
     work = out.parent / f".{out.name}.weightport-dir-{os.getpid()}"
     plan = _plan(args, src, work, "mindspore", dtype=dtype, source_format="hf", layout=layout)
     _check(args, plan, notes)
     plan.source.close()
-    if out.exists() and not args.force:
-        raise WeightportError(f"{out}: already exists; pass --force to replace it")
+    _check_ckpt_replaceable(out, args.force, args.delete_existing)  # again: the plan took a while
     try:
         api.convert(src, work, "mindspore", source_format="hf", dtype=dtype, layout=layout, force=True)
         os.replace(work / "model.ckpt", out)
@@ -167,6 +179,28 @@ def run(args) -> str:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return _summary(f"wrote {out}" + (f" (and {', '.join(kept)} beside it)" if kept else ""), notes)
+
+
+def _check_ckpt_replaceable(out: Path, force: bool, delete_existing: bool) -> None:
+    """The forward --output_path is one file: --force replaces it only when it is a MindSpore
+    checkpoint (what this command writes), --delete-existing whatever file it is; a directory, never."""
+    if out.is_dir() and not out.is_symlink():
+        raise WeightportError(f"{out}: is a directory; --output_path names the .ckpt file to write")
+    if not (out.exists() or out.is_symlink()) or delete_existing:
+        return
+    if not force:
+        raise WeightportError(f"{out}: already exists; pass --force to replace it")
+    why = None
+    if out.is_symlink():
+        why = "is a symlink"
+    else:
+        check_regular(out)
+        try:
+            MsCkptFile(out).close()
+        except WeightportError:
+            why = "is not a MindSpore checkpoint"
+    if why:
+        raise WeightportError(f"{out}: {why}; not replaced (pass --delete-existing to replace it anyway)")
 
 
 def _plan(args, src: Path, out: Path, to: str, **kw):

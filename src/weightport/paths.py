@@ -156,6 +156,8 @@ def check_report_file(out: str | Path, inputs: dict[str, str | Path | None], fla
     check_not_input(out, inputs)
     out = Path(out)
     if not (out.exists() or out.is_symlink()):
+        if not out.parent.is_dir():  # found now, not once the run is over
+            raise WeightportError(f"{out}: the directory to write it in, {out.parent}, does not exist ({flag})")
         return
     check_regular(out)
     try:

@@ -113,7 +113,10 @@ def shape_from_str(text: str) -> tuple[int, ...]:
     if inner is None:
         raise ValueError(f"{text!r} is not a tuple")
     items = [x.strip() for x in inner.group(1).split(",") if x.strip()]
-    return tuple(int(re.fullmatch(r"(?:np\.int64\()?(\d+)\)?", x).group(1)) for x in items)
+    dims = [re.fullmatch(r"(?:np\.int64\()?(\d+)\)?", x) for x in items]
+    if not all(dims):
+        raise ValueError(f"{text!r} is not a tuple of integers")
+    return tuple(int(d.group(1)) for d in dims)
 
 
 def shard_metadata(shape: tuple[int, ...], pairs: Pairs, version: str = VERSION) -> dict[str, str]:

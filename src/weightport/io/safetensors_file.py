@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import os
 import re
+import stat
 import struct
 import warnings
 from pathlib import Path
@@ -106,8 +108,12 @@ def _is_size(x) -> bool:
 
 
 def safetensors_metadata(path: Path) -> dict:
-    """The header's __metadata__, or {} when the file is not readable safetensors (for detection)."""
+    """The header's __metadata__, or {} when the file is not readable safetensors (for detection).
+    A FIFO or device is not opened (it would block, or never end): {} too, and the reader that
+    opens the checkpoint refuses it by name."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return {}
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             if n > _MAX_HEADER:
@@ -142,7 +148,8 @@ class SafetensorsFile(RangeFile):
                     raise self._fail(f"not safetensors (header length {n} is over the {_MAX_HEADER:,} bytes the "
                                      "format allows)")
                 if 8 + n > size:
-                    raise self._fail(f"truncated or not safetensors (header length {n} but file has {size} bytes)")
+                    raise self._fail(f"truncated or not safetensors (header length {n}: the file needs {8 + n} bytes "
+                                     f"for its header but has {size})")
                 raw = f.read(n)
         except OSError as e:
             raise self._fail(f"cannot read: {e.strerror}") from None
