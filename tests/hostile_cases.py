@@ -1210,7 +1210,7 @@ def _second_run(argv):
     stdout, stderr = proc.communicate(timeout=120)
     if code_a != 0:
         return None, stdout, f"the first run failed: {err_a}"
-    from weightport.provenance import check_manifest
+    from weightport.verify.manifest import check_manifest
 
     if not check_manifest(out).intact:
         return None, stdout, "the first run's output is not intact"

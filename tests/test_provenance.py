@@ -10,7 +10,8 @@ import pytest
 
 from conftest import build_hf, run_cli
 from weightport import api
-from weightport.provenance import MANIFEST, check_manifest
+from weightport.provenance import MANIFEST
+from weightport.verify.manifest import check_manifest
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__
 __all__ = ["WeightportError", "convert", "inspect", "plan_conversion", "support_matrix", "__version__"]
 
 _API = {"convert", "inspect", "plan_conversion", "support_matrix"}

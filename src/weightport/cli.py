@@ -12,7 +12,8 @@ from dataclasses import asdict
 # makes each fresh allocation far cheaper to fault in. torch reads this once, at import.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from . import __version__, api, build, formats, mindformers_compat, verify  # noqa: E402
+from . import api, build, formats, mindformers_compat, verify  # noqa: E402
+from .version import __version__  # noqa: E402
 from .dtypes import CLI_DTYPES  # noqa: E402
 from .errors import Terminated, WeightportError  # noqa: E402
 from .paths import check_report_file  # noqa: E402
@@ -308,7 +309,7 @@ def _verify(args) -> int:
     if args.manifest:
         if args.a or args.b:
             raise WeightportError("verify --manifest OUT takes no A and B")
-        from .provenance import check_manifest
+        from .verify.manifest import check_manifest
 
         result = check_manifest(args.manifest)
         print(result.render())

@@ -20,7 +20,7 @@ from ..formats.litgpt_config import to_hf
 from ..io.safetensors_file import SafetensorsStreamWriter
 from ..staging import staged
 from ..provenance import hash_files, save_manifest, tensor_sha256
-from .. import __version__
+from ..version import __version__
 from .litgpt import HPARAMS, LORA_FILE, read_litgpt
 
 PREFIX = "base_model.model."
