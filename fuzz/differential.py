@@ -771,7 +771,7 @@ def mutate_torch(rng: random.Random, seed: bytes) -> tuple[bytes, str]:
                 desc = f"byteorder {value!r}"
             elif op == "rename":
                 prefix = out[i][0].split("/")[0]
-                new = rng.choice([f"{prefix}/data/9", f"{prefix}/data/0", f"{prefix}/byteorder", f"other/data.pkl",
+                new = rng.choice([f"{prefix}/data/9", f"{prefix}/data/0", f"{prefix}/byteorder", "other/data.pkl",
                                   f"{prefix}/data.pkl", f"{prefix}/x.pkl"])
                 desc = f"rename member {out[i][0]} -> {new}"
                 out[i] = (new, out[i][1])

@@ -34,7 +34,7 @@ import time
 import traceback
 import warnings
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Callable

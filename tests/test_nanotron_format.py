@@ -344,7 +344,7 @@ def test_pp_split_of_llama3_8b_over_8_stages():
     4 on stages 1-2 and 5-6, and 2 with the final norm and lm_head on stage 7."""
     from collections import Counter
 
-    from weightport.formats.base import OutputTensor
+    from weightport.format import OutputTensor
     from weightport.formats.nanotron.llama import EMBED, pp_ranks
 
     H, I, V = 4096, 14336, 128256

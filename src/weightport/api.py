@@ -15,7 +15,7 @@ from .archs import ARCHS
 from .dtypes import parse_dtype, parse_size, short_name
 from .errors import WeightportError
 from .execute import execute
-from .formats import Checkpoint, WriteOptions
+from .format import Checkpoint, WriteOptions
 from .paths import check_input_tree, check_output
 from .plan import Plan, build_plan
 

@@ -16,7 +16,7 @@ from dataclasses import replace
 from .archs import Model, model_from_hf_config
 from .archs.llava import TEXT, text_config
 from .errors import WeightportError
-from .formats.base import Checkpoint
+from .format import Checkpoint
 from .hf_config import rope_parameters
 from .ops import Chain, Concat
 from .rules import Rule, expand

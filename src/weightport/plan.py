@@ -16,7 +16,7 @@ import torch
 
 from .dtypes import FLOAT16_MAX, short_name
 from .errors import WeightportError
-from .formats.base import Checkpoint, Format, OutputFile, OutputTensor, WriteOptions
+from .format import Checkpoint, Format, OutputFile, OutputTensor, WriteOptions
 from .ops import Identity, Op, Tie
 
 

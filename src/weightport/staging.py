@@ -103,3 +103,12 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def final_dir(directory: Path) -> Path:
+    """The path an output directory will have: execute writes into .<name>.weightport-partial-<pid>
+    and renames it at the end, and some configs must name the final path."""
+    name = directory.name
+    if name.startswith(".") and PARTIAL in name:
+        name = name[1:].rsplit(PARTIAL, 1)[0]
+    return (directory.parent / name).resolve()

@@ -1,5 +1,6 @@
-"""Adding tokens to a Hugging Face tokenizer.json at fixed ids, for formats whose models gain
-tokens (an image token) that the tokenizer must map to the rows the weights hold.
+"""The files a tokenizer consists of, and adding tokens to a Hugging Face tokenizer.json at fixed
+ids, for formats whose models gain tokens (an image token) that the tokenizer must map to the rows
+the weights hold.
 
 Tokens can only be appended at the tokenizer's own next ids: the tokenizers library renumbers an
 added token whose id would leave a gap (checked with tokenizers 0.22), so callers choose ids
@@ -10,6 +11,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+# files a tokenizer may consist of, in any of the formats we handle; copied verbatim
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+)
 
 
 def size(tokenizer: dict) -> int | None:

@@ -13,7 +13,7 @@ from ..api import check_inputs, check_parallel, open_checkpoint
 from ..dtypes import parse_dtype, parse_size
 from ..errors import WeightportError
 from ..execute import execute
-from ..formats import WriteOptions
+from ..format import WriteOptions
 from ..paths import check_output
 from ..plan import Plan, build_plan
 from . import idefics3

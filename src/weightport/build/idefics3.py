@@ -27,7 +27,7 @@ import torch
 from ..archs import model_from_hf_config
 from ..archs.llama_family import ARCHS as LLAMA_ARCHS
 from ..errors import WeightportError
-from ..formats.base import Checkpoint
+from ..format import Checkpoint
 from ..formats.hf import _weight_files
 from ..hf_config import vision_tower_config
 from ..io import open_files

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import WeightportError
+from ..format import Format
 from . import hf, litgpt, llava_hf, llava_official, mindspore, nanotron, onnx, xtuner_llava, xtuner_pth
-from .base import Checkpoint, Format, OutputFile, OutputTensor, WriteOptions
 
 FORMATS: dict[str, Format] = {f.name: f for f in (hf.FORMAT, litgpt.FORMAT, mindspore.FORMAT, nanotron.FORMAT,
                                                   xtuner_llava.FORMAT, llava_official.FORMAT, llava_hf.FORMAT,
@@ -32,4 +32,4 @@ def detect(path: Path) -> Format:
     return found[0]
 
 
-__all__ = ["FORMATS", "Checkpoint", "Format", "OutputFile", "OutputTensor", "WriteOptions", "detect", "get"]
+__all__ = ["FORMATS", "detect", "get"]

@@ -14,8 +14,8 @@ from ..io import open_files
 from ..paths import check_regular, confined
 from ..io.safetensors_file import SafetensorsStreamWriter, safetensors_metadata
 from ..rules import Rule, identity_rules
-from .base import (Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions, find_side_files, write_hf_sidecar,
-                   write_json)
+from ..format import Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions
+from .common import find_side_files, write_hf_sidecar, write_json
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"

@@ -20,7 +20,8 @@ from ..io import open_files
 from ..io.torch_file import TorchZipWriter
 from ..ops import Chain, Concat, GroupInterleave, Identity, Split, Tie
 from ..rules import Rule, expand, rename
-from .base import Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions, find_side_files, write_hf_sidecar
+from ..format import Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions
+from .common import find_side_files, write_hf_sidecar
 from .litgpt_config import LEGACY_KEYS, to_hf, to_litgpt
 
 WEIGHTS = "lit_model.pth"

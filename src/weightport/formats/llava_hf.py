@@ -28,7 +28,8 @@ from ..hf_config import load_json
 from ..ops import Chain, Invert, PadRows
 from ..rules import Rule
 from . import llava_parts
-from .base import Checkpoint, WriteOptions, copy_side_files, write_json
+from ..format import Checkpoint, WriteOptions
+from .common import copy_side_files, write_json
 from .hf import HFFormat
 from .llava_parts import IMAGE_PROCESSOR
 

@@ -26,8 +26,9 @@ from ..io import open_files
 from ..io.parts import PartsSource
 from ..rules import Rule
 from . import llava_parts
-from .base import (Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions, copy_side_files, final_dir,
-                   find_side_files, write_json)
+from ..format import Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions
+from .common import copy_side_files, find_side_files, write_json
+from ..staging import final_dir
 from .hf import FORMAT as HF, _weight_files
 from .llava_parts import IMAGE_PROCESSOR
 from .xtuner_llava import SubdirWriter

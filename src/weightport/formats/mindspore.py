@@ -21,7 +21,8 @@ from ..io.ms_ckpt import MsCkptWriter
 from ..io.safetensors_file import safetensors_metadata
 from ..rules import Rule
 from .hf import ShardedSafetensorsWriter
-from .base import Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions, find_side_files, write_hf_sidecar
+from ..format import Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions
+from .common import find_side_files, write_hf_sidecar
 from .mindformers import ALL_LAYOUTS, BY_ARCH, names_for
 from .mindformers import from_yaml as mindformers_yaml
 from .mindformers.llama_config import TRAINING_STATE

@@ -25,8 +25,8 @@ from ..io.parts import PartsSource
 from ..rules import Rule
 from . import llava_parts, xtuner_projector_code
 from .llava_parts import IMAGE_PROCESSOR
-from .base import (Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions, copy_side_files,
-                   find_side_files, write_json)
+from ..format import Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions
+from .common import copy_side_files, find_side_files, write_json
 from .hf import FORMAT as HF, ShardedSafetensorsWriter, _weight_files
 
 PROJECTOR_DIR, VISION_DIR = "projector", "visual_encoder"

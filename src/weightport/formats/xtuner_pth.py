@@ -22,7 +22,8 @@ from ..io.deepspeed_zero import is_zero_checkpoint, open_zero_checkpoint
 from ..io.parts import PartsSource
 from ..rules import Rule
 from . import llava_parts
-from .base import Checkpoint, Format, find_side_files
+from ..format import Checkpoint, Format
+from .common import find_side_files
 from .hf import FORMAT as HF, _weight_files
 from .llava_parts import IMAGE_PROCESSOR
 

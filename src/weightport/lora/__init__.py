@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..archs import Model, model_from_hf_config
 from ..errors import WeightportError
-from ..formats.base import Checkpoint
+from ..format import Checkpoint
 from ..io.parts import PartsSource
 from ..ops import Identity, MergeLora
 from ..rules import Rule

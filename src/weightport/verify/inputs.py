@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import WeightportError
-from ..formats.base import TOKENIZER_FILES
+from ..tokenizer_files import TOKENIZER_FILES
 
 PROMPT = "This image shows: "
 

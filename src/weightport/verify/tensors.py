@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..dtypes import itemsize, short_name
-from ..formats.base import Checkpoint
+from ..format import Checkpoint
 from ..errors import WeightportError
 from ..hub import HubTensors
 from ..io.source import TensorMeta

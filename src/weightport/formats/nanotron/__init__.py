@@ -22,8 +22,9 @@ from ...hf_config import load_json, load_yaml
 from ...io.nanotron_shards import (VERSION, VERSIONS, NanotronSource, NanotronWriter, ShardFile, Sharding,
                                    file_name, local_shape, shard_metadata, shard_pairs)
 from ...rules import Rule
-from ..base import (Checkpoint, Format, OutputTensor, Writer, WriteOptions, final_dir, find_side_files,
-                    write_hf_sidecar, write_json)
+from ...format import Checkpoint, Format, OutputTensor, Writer, WriteOptions
+from ..common import find_side_files, write_hf_sidecar, write_json
+from ...staging import final_dir
 from . import idefics3, llama
 
 MODEL_CONFIG, YAML, META = "model_config.json", "config.yaml", "checkpoint_metadata.json"

@@ -30,7 +30,7 @@ from ...errors import WeightportError
 from ...io.nanotron_shards import Sharding
 from ...ops import Chain, Concat, Identity, PadRows, Tie
 from ...rules import Rule, expand, rename
-from ..base import OutputTensor, WriteOptions
+from ...format import OutputTensor, WriteOptions
 from . import llama
 
 NAME = "idefics3"

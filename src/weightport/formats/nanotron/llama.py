@@ -15,7 +15,7 @@ from ...hf_config import rope_scaling, rope_theta, set_rope
 from ...io.nanotron_shards import Sharding
 from ...ops import Chain, Concat, Identity, Parallel, RotaryPermute
 from ...rules import Rule, expand, rename
-from ..base import OutputTensor, WriteOptions
+from ...format import OutputTensor, WriteOptions
 
 NAME = "llama"
 EMBED = "model.token_position_embeddings.pp_block.token_embedding.weight"

@@ -28,8 +28,8 @@ from ...io.source import TensorSource
 from ...ops import Transpose
 from ...paths import check_regular, confined
 from ...rules import Rule, rename
-from ..base import (Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions, find_side_files,
-                    write_hf_sidecar, write_json)
+from ...format import Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions
+from ..common import find_side_files, write_hf_sidecar, write_json
 from .. import llava_hf
 from . import decoder, vision
 from .external_data import ExternalDataFile, ExternalDataWriter, offsets

@@ -13,7 +13,7 @@ import torch
 
 from ...io.hashed_file import HashedFile
 from ...io.pread import RangeFile
-from ..base import OutputFile, Writer
+from ...format import OutputFile, Writer
 
 ALIGN, ALIGN_FROM = 65536, 2**20
 

@@ -1,25 +1,18 @@
-"""What a format adapter provides: detect, open (config + tensors + rules), and write."""
+"""What a format is to the core: an opened source `Checkpoint`, the `OutputTensor`s and
+`OutputFile`s a plan writes, the `WriteOptions` and `Writer` that write them, and the `Format`
+protocol every format folder implements. It names no format, so the core can depend on it
+without loading any."""
 
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..archs import Model
-from ..io import TensorSource
-from ..paths import check_regular
-from ..rules import Rule
-from ..staging import PARTIAL
-
-# files a tokenizer may consist of, in any of the formats we handle; copied verbatim
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
-)
+from .archs import Model
+from .io import TensorSource
+from .rules import Rule
 
 
 @dataclass
@@ -163,53 +156,3 @@ class Format:
         """Files that say where each written tensor lies (an ONNX graph names its weights' byte
         offsets); most formats' weight files describe themselves. Returns the names written."""
         return []
-
-
-def write_hf_sidecar(directory: Path, source: Checkpoint, model: Model, config: dict | None = None) -> list[str]:
-    """config.json (the hub's config, exact, or `config` when given), generation_config.json and
-    the tokenizer files: all of the hf format's metadata, and what formats with configs of their
-    own keep beside their weights so reading back loses nothing."""
-    config = dict(model.config) if config is None else config
-    write_json(directory / "config.json", dict(config, architectures=[model.arch.hf_class]))
-    written = ["config.json"]
-    if source.generation_config is not None:
-        write_json(directory / "generation_config.json", source.generation_config)
-        written.append("generation_config.json")
-    return written + copy_side_files(source.side_files, directory)
-
-
-def final_dir(directory: Path) -> Path:
-    """The path an output directory will have: execute writes into .<name>.weightport-partial-<pid>
-    and renames it at the end, and some configs must name the final path."""
-    name = directory.name
-    if name.startswith(".") and PARTIAL in name:
-        name = name[1:].rsplit(PARTIAL, 1)[0]
-    return (directory.parent / name).resolve()
-
-
-def write_json(path: Path, data: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
-def copy_side_files(files: list[Path], directory: Path, skip: set[str] = frozenset()) -> list[str]:
-    written = []
-    for f in files:
-        if f.name in skip:
-            continue
-        check_regular(f)  # a FIFO blocks the copy and /dev/zero never ends it
-        shutil.copyfile(f, directory / f.name)
-        written.append(f.name)
-    return written
-
-
-# what trust_remote_code checkpoints (ChatGLM, Baichuan2, InternLM, Qwen, CogVLM2) run from: their
-# modeling/configuration/tokenization modules and Qwen's tokenizer table; copied, never imported
-REMOTE_CODE_FILES = ("*.py", "*.tiktoken")
-
-
-def find_side_files(directory: Path) -> list[Path]:
-    named = [directory / n for n in TOKENIZER_FILES if (directory / n).is_file()]
-    code = sorted(p for pattern in REMOTE_CODE_FILES for p in directory.glob(pattern) if p.is_file())
-    return named + code
