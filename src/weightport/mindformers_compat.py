@@ -21,7 +21,7 @@ from . import api
 from .errors import WeightportError
 from .hf_config import load_yaml
 from .io.ms_ckpt import MsCkptFile
-from .paths import check_not_input, check_regular, check_replaceable
+from .paths import check_not_input, check_regular
 from .formats.mindformers import BY_ARCH, NAME_SETS
 from .formats.mindformers import from_yaml as mindformers_yaml
 
@@ -155,19 +155,17 @@ def run(args) -> str:
     notes = _ignored(args)
     layout = _layout(args, notes)
     if args.reversed:
-        check_replaceable(out, args.force, args.delete_existing)
         plan = _plan(args, src, out, "hf", dtype=dtype, source_format="mindspore", source_layout=layout)
         _check(args, plan, notes)
         plan.source.close()
         api.convert(src, out, "hf", source_format="mindspore", dtype=dtype, force=args.force,
                     delete_existing=args.delete_existing, source_layout=layout)
         return _summary(f"wrote {out}", notes)
-    _check_ckpt_replaceable(out, args.force, args.delete_existing)
     work = out.parent / f".{out.name}.weightport-dir-{os.getpid()}"
     plan = _plan(args, src, work, "mindspore", dtype=dtype, source_format="hf", layout=layout)
     _check(args, plan, notes)
     plan.source.close()
-    _check_ckpt_replaceable(out, args.force, args.delete_existing)  # again: the plan took a while
+    _check_ckpt_replaceable(out, args.force, args.delete_existing)
     try:
         api.convert(src, work, "mindspore", source_format="hf", dtype=dtype, layout=layout, force=True)
         os.replace(work / "model.ckpt", out)

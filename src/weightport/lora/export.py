@@ -16,7 +16,7 @@ from pathlib import Path
 from ..archs import model_from_hf_config
 from ..errors import WeightportError
 from ..hf_config import load_yaml
-from ..formats.litgpt_config import to_hf
+from ..formats.litgpt.config import to_hf
 from ..io.safetensors_file import SafetensorsStreamWriter
 from ..staging import staged
 from ..provenance import hash_files, save_manifest, tensor_sha256

@@ -9,10 +9,10 @@ prefix LitGPT expects for the architecture.
 
 from __future__ import annotations
 
-from ..archs import ARCHS, Model
-from ..archs.llama_family import NAMES as LLAMA_FAMILY
-from ..errors import WeightportError
-from ..hf_config import partial_rotary_factor, rope_scaling, rope_theta, set_rope
+from ...archs import ARCHS, Model
+from ...archs.llama_family import NAMES as LLAMA_FAMILY
+from ...errors import WeightportError
+from ...hf_config import partial_rotary_factor, rope_scaling, rope_theta, set_rope
 
 # every field of litgpt.Config (v0.5.13), with its default
 LITGPT_DEFAULTS: dict = {

@@ -12,17 +12,17 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..archs import Model, model_from_hf_config
-from ..archs.llama_family import NAMES as LLAMA_FAMILY
-from ..errors import WeightportError
-from ..hf_config import load_json, load_yaml
-from ..io import open_files
-from ..io.torch_file import TorchZipWriter
-from ..ops import Chain, Concat, GroupInterleave, Identity, Split, Tie
-from ..rules import Rule, expand, rename
-from ..format import Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions
-from .common import find_side_files, write_hf_sidecar
-from .litgpt_config import LEGACY_KEYS, to_hf, to_litgpt
+from ...archs import Model, model_from_hf_config
+from ...archs.llama_family import NAMES as LLAMA_FAMILY
+from ...errors import WeightportError
+from ...hf_config import load_json, load_yaml
+from ...io import open_files
+from ...io.torch_file import TorchZipWriter
+from ...ops import Chain, Concat, GroupInterleave, Identity, Split, Tie
+from ...rules import Rule, expand, rename
+from ...format import Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions
+from ..common import find_side_files, write_hf_sidecar
+from .config import LEGACY_KEYS, to_hf, to_litgpt
 
 WEIGHTS = "lit_model.pth"
 CONFIG = "model_config.yaml"

@@ -6,16 +6,16 @@ from pathlib import Path
 
 import torch
 
-from ..archs import ARCHS, Model, model_from_hf_config
-from ..dtypes import short_name
-from ..errors import WeightportError
-from ..hf_config import load_json
-from ..io import open_files
-from ..paths import check_regular, confined
-from ..io.safetensors_file import SafetensorsStreamWriter, safetensors_metadata
-from ..rules import Rule, identity_rules
-from ..format import Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions
-from .common import find_side_files, write_hf_sidecar, write_json
+from ...archs import ARCHS, Model, model_from_hf_config
+from ...dtypes import short_name
+from ...errors import WeightportError
+from ...hf_config import load_json
+from ...io import open_files
+from ...paths import check_regular, confined
+from ...io.safetensors_file import SafetensorsStreamWriter, safetensors_metadata
+from ...rules import Rule, identity_rules
+from ...format import Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions
+from ..common import find_side_files, write_hf_sidecar, write_json
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"

@@ -13,19 +13,19 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..archs import Model, model_from_hf_config
-from ..errors import WeightportError
-from ..hf_config import load_json, load_yaml
-from ..io import open_files
-from ..io.ms_ckpt import MsCkptWriter
-from ..io.safetensors_file import safetensors_metadata
-from ..rules import Rule
-from .hf import ShardedSafetensorsWriter
-from ..format import Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions
-from .common import find_side_files, write_hf_sidecar
-from .mindformers import ALL_LAYOUTS, BY_ARCH, names_for
-from .mindformers import from_yaml as mindformers_yaml
-from .mindformers.llama_config import TRAINING_STATE
+from ...archs import Model, model_from_hf_config
+from ...errors import WeightportError
+from ...hf_config import load_json, load_yaml
+from ...io import open_files
+from ...io.ms_ckpt import MsCkptWriter
+from ...io.safetensors_file import safetensors_metadata
+from ...rules import Rule
+from ..hf import ShardedSafetensorsWriter
+from ...format import Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions
+from ..common import find_side_files, write_hf_sidecar
+from ..mindformers import ALL_LAYOUTS, BY_ARCH, names_for
+from ..mindformers import from_yaml as mindformers_yaml
+from ..mindformers.llama_config import TRAINING_STATE
 
 YAML = "mindformers.yaml"
 # file container -> the weights file we write
