@@ -2,8 +2,8 @@
 included), and no format named in a core module. Static: the sources are parsed, nothing of
 weightport is imported, so a cycle cannot hide behind a lazy import.
 
-Both checks fail on today's tree and are marked strict xfail: the commit that makes one pass must
-remove its marker. The checkers themselves are tested on synthetic input, and those tests pass now.
+The format-name check fails until the core is rid of format names, and is marked strict xfail:
+the commit that makes it pass must remove its marker. The checkers themselves are tested on synthetic input, and those tests pass now.
 """
 
 from __future__ import annotations
@@ -102,8 +102,6 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20: import cycles remain until step 6 of the plan (C1 and C2 "
-                   "through provenance, fixed by steps 2-3; C3 formats <-> lora)")
 def test_no_import_cycles():
     found = cycles(import_graph())
     assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from . import bridges, formats, lora
-from .lora import export
-from .lora import litgpt as lora_litgpt
+from . import adapters, bridges, formats
+from .formats.litgpt import lora as lora_litgpt
+from .formats.peft import export
 from .archs import ARCHS
 from .dtypes import parse_dtype, parse_size, short_name
 from .errors import WeightportError
@@ -101,7 +101,7 @@ def plan_conversion(src: str | Path, out: str | Path, to: str, *, source_format:
             dtype = parse_dtype(dtype)
         size = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
         if merge_lora is not None:  # on the source's own architecture, before any change of it
-            ckpt = lora.merge(ckpt, merge_lora, lora_scale)
+            ckpt = adapters.merge(ckpt, formats.read_adapter(Path(merge_lora), ckpt.model), lora_scale)
         elif lora_scale != 1.0:
             raise WeightportError("--lora-scale applies with --merge-lora")
         if to_arch is not None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..adapters import Adapter
+from ..archs import Model
 from ..errors import WeightportError
 from ..format import Format
-from . import hf, litgpt, llava_hf, llava_official, mindspore, nanotron, onnx, xtuner_llava, xtuner_pth
+from . import hf, litgpt, peft, llava_hf, llava_official, mindspore, nanotron, onnx, xtuner_llava, xtuner_pth
 
 FORMATS: dict[str, Format] = {f.name: f for f in (hf.FORMAT, litgpt.FORMAT, mindspore.FORMAT, nanotron.FORMAT,
                                                   xtuner_llava.FORMAT, llava_official.FORMAT, llava_hf.FORMAT,
@@ -32,4 +34,16 @@ def detect(path: Path) -> Format:
     return found[0]
 
 
-__all__ = ["FORMATS", "detect", "get"]
+def read_adapter(path: Path, base: Model) -> Adapter:
+    """The LoRA adapter at `path` (--merge-lora), read by the format it is in."""
+    if not path.exists():
+        raise WeightportError(f"{path}: no such file or directory (--merge-lora)")
+    if peft.read.is_peft_adapter(path):
+        return peft.read.read_peft(path)
+    if litgpt.lora.is_litgpt_lora(path):
+        return litgpt.lora.read_litgpt(path, base)
+    raise WeightportError(f"{path}: not a LoRA adapter weightport reads (a PEFT directory with adapter_config.json, "
+                          "or LitGPT's lit_model.pth.lora with hyperparameters.yaml)")
+
+
+__all__ = ["FORMATS", "detect", "get", "read_adapter"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .. import lora
+from .. import adapters
 from ..archs import Model
 from ..archs.llava import TEXT, projector_bias, vision_sizes
 from ..dtypes import short_name
@@ -28,6 +28,7 @@ from .llava_parts import IMAGE_PROCESSOR
 from ..format import Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions
 from .common import copy_side_files, find_side_files, write_json
 from .hf import FORMAT as HF, ShardedSafetensorsWriter, _weight_files
+from .peft.read import read_peft
 
 PROJECTOR_DIR, VISION_DIR = "projector", "visual_encoder"
 LLM_ADAPTER, VISION_ADAPTER = "llm_adapter", "visual_encoder_adapter"
@@ -95,7 +96,7 @@ class XtunerLlavaFormat(Format):
         for adapter, prefix in ((LLM_ADAPTER, TEXT), (VISION_ADAPTER, _vision_hub_name)):
             if (path / adapter).is_dir():
                 try:
-                    ckpt = lora.merge(ckpt, path / adapter, prefix=prefix)
+                    ckpt = adapters.merge(ckpt, read_peft(path / adapter), prefix=prefix)
                 except BaseException:
                     ckpt.close()
                     raise

@@ -153,8 +153,7 @@ _TRAINING_LORA = re.compile(r"^(?P<part>llm|visual_encoder)\.base_model\.model\.
 def _merge_training_lora(ckpt: Checkpoint, path: Path, names: list[str], alpha: float) -> Checkpoint:
     """The LoRA weights xtuner's LLaVAModel saves for a LoRA-trained LLM or ViT, merged with scale
     alpha / r (r from lora_A's rows)."""
-    from .. import lora
-    from ..lora.peft import Adapter, Delta
+    from ..adapters import Adapter, Delta, merge
     from .xtuner_llava import _vision_hub_name
 
     pairs: dict[str, dict[str, str]] = {}
@@ -179,4 +178,4 @@ def _merge_training_lora(ckpt: Checkpoint, path: Path, names: list[str], alpha: 
         part, _, rest = name.partition(".")
         return TEXT + rest if part == "llm" else _vision_hub_name(rest)
 
-    return lora._merge(ckpt, Adapter(path, source, deltas), 1.0, hub)
+    return merge(ckpt, Adapter(path, source, deltas), 1.0, hub)

@@ -14,13 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 
 
-from ..archs import Model
-from ..errors import WeightportError
-from ..hf_config import load_yaml
-from ..io import open_files
-from ..io.parts import Made, PartsSource
-from ..ops import Concat, Identity
-from .peft import Adapter, Delta
+from ...archs import Model
+from ...errors import WeightportError
+from ...hf_config import load_yaml
+from ...io import open_files
+from ...io.parts import Made, PartsSource
+from ...ops import Concat, Identity
+from ...adapters import Adapter, Delta
 
 LORA_FILE, HPARAMS = "lit_model.pth.lora", "hyperparameters.yaml"
 PARTS = ("query", "key", "value")
@@ -31,7 +31,7 @@ def is_litgpt_lora(path: Path) -> bool:
 
 
 def read_litgpt(path: Path, base: Model) -> Adapter:
-    from ..formats.litgpt import FORMAT as LITGPT  # the litgpt format's rules say which HF weight each layer is
+    from . import FORMAT as LITGPT  # the litgpt format's rules say which HF weight each layer is
 
     lora_file = path / LORA_FILE if path.is_dir() else path
     hparams_path = lora_file.parent / HPARAMS

@@ -13,15 +13,15 @@ import json
 from pathlib import Path
 
 
-from ..archs import model_from_hf_config
-from ..errors import WeightportError
-from ..hf_config import load_yaml
-from ..formats.litgpt.config import to_hf
-from ..io.safetensors_file import SafetensorsStreamWriter
-from ..staging import staged
-from ..provenance import hash_files, save_manifest, tensor_sha256
-from ..version import __version__
-from .litgpt import HPARAMS, LORA_FILE, read_litgpt
+from ...archs import model_from_hf_config
+from ...errors import WeightportError
+from ...hf_config import load_yaml
+from ..litgpt.config import to_hf
+from ...io.safetensors_file import SafetensorsStreamWriter
+from ...staging import staged
+from ...provenance import hash_files, save_manifest, tensor_sha256
+from ...version import __version__
+from ..litgpt.lora import HPARAMS, LORA_FILE, read_litgpt
 
 PREFIX = "base_model.model."
 

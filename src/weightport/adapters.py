@@ -1,4 +1,6 @@
 """Merging a LoRA adapter into a checkpoint while converting (`--merge-lora`), one tensor at a time.
+An `Adapter` is what a format's adapter reader (formats/peft, formats/litgpt) gives: per adapted
+module its A and B tensors and scale, and the tensors it replaces whole; this module names no format.
 
 The adapter becomes a second part of the source: every adapted weight is read through its format's
 own rule and MergeLora adds scale * (B @ A) in float32; tensors the adapter replaces whole
@@ -9,39 +11,50 @@ conversion, and peak memory stays one weight plus its two small LoRA matrices.
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
-from ..archs import Model, model_from_hf_config
-from ..errors import WeightportError
-from ..format import Checkpoint
-from ..io.parts import PartsSource
-from ..ops import Identity, MergeLora
-from ..rules import Rule
-from .litgpt import is_litgpt_lora, read_litgpt
-from .peft import Adapter, is_peft_adapter, read_peft
+from .archs import model_from_hf_config
+from .errors import WeightportError
+from .format import Checkpoint
+from .io.parts import PartsSource
+from .ops import Identity, MergeLora
+from .io import TensorSource
+from .rules import Rule
 
 LORA = "lora/"
 
 
-def read_adapter(path: Path, base: Model) -> Adapter:
-    if not path.exists():
-        raise WeightportError(f"{path}: no such file or directory (--merge-lora)")
-    if is_peft_adapter(path):
-        return read_peft(path)
-    if is_litgpt_lora(path):
-        return read_litgpt(path, base)
-    raise WeightportError(f"{path}: not a LoRA adapter weightport reads (a PEFT directory with adapter_config.json, "
-                          "or LitGPT's lit_model.pth.lora with hyperparameters.yaml)")
+@dataclass(frozen=True)
+class Delta:
+    """W <- W + scale * (B @ A) for the weight of `module` (transposed for embeddings and
+    fan_in_fan_out weights)."""
+
+    module: str
+    a: str
+    b: str
+    scale: float
+    transpose: bool
 
 
-def merge(ckpt: Checkpoint, adapter_path: str | Path, lora_scale: float = 1.0,
+@dataclass
+class Adapter:
+    path: Path
+    source: TensorSource
+    deltas: list[Delta]
+    # hub tensor name -> the adapter's full tensor that replaces it
+    replaced: dict[str, str] = field(default_factory=dict)
+    # adapter tensors a merge does not use, with why
+    unused: dict[str, str] = field(default_factory=dict)
+
+
+def merge(ckpt: Checkpoint, adapter: Adapter, lora_scale: float = 1.0,
           prefix: str | Callable[[str], str] = "") -> Checkpoint:
-    """`ckpt` with the adapter at `adapter_path` merged into it, scaled by `lora_scale` on top of the
-    adapter's own alpha / r. `prefix`: where the adapted model sits among the hub names (an xtuner
-    LLaVA's LLM adapter adapts `language_model.`), or a function giving it per module name."""
-    adapter = read_adapter(Path(adapter_path), ckpt.model)
+    """`ckpt` with `adapter` merged into it, scaled by `lora_scale` on top of the adapter's own
+    alpha / r. `prefix`: where the adapted model sits among the hub names (an xtuner LLaVA's LLM
+    adapter adapts `language_model.`), or a function giving it per module name. The adapter's
+    files are closed if the merge is refused."""
     try:
         return _merge(ckpt, adapter, lora_scale, prefix)
     except BaseException:

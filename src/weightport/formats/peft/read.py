@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import WeightportError
-from ..hf_config import load_json
-from ..io import TensorSource, open_files
+from ...errors import WeightportError
+from ...hf_config import load_json
+from ...adapters import Adapter, Delta
+from ...io import TensorSource, open_files
 
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -27,29 +27,6 @@ _LINEAR = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+)
 _EMBEDDING = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?$")
 UNSUPPORTED = {"lora_magnitude_vector": "DoRA (use_dora)", "lora_B.bias": "lora_bias",
                "lora_A.bias": "lora_bias"}
-
-
-@dataclass(frozen=True)
-class Delta:
-    """W <- W + scale * (B @ A) for the weight of `module` (transposed for embeddings and
-    fan_in_fan_out weights)."""
-
-    module: str
-    a: str
-    b: str
-    scale: float
-    transpose: bool
-
-
-@dataclass
-class Adapter:
-    path: Path
-    source: TensorSource
-    deltas: list[Delta]
-    # hub tensor name -> the adapter's full tensor that replaces it
-    replaced: dict[str, str] = field(default_factory=dict)
-    # adapter tensors a merge does not use, with why
-    unused: dict[str, str] = field(default_factory=dict)
 
 
 def is_peft_adapter(path: Path) -> bool:
