@@ -773,14 +773,13 @@ def _(fx, t):
     return Run(_mf(src, src / "model.ckpt", "--force"), {"SRC": src, "OUT": src / "model.ckpt"})
 
 
-@case("mf-out-beside-config", IP, "`weightport mindformers` writes the .ckpt beside its --config yaml",
+@case("mf-out-is-config", IP, "`weightport mindformers` names its --config yaml as --output_path, --delete-existing",
       err=E + INSIDE % ("CONFIG", "--config"))
 def _(fx, t):
     src = copy(fx.hf, t / "src")
-    (t / "cfg").mkdir()
-    cfg = t / "cfg" / "llama.yaml"
+    cfg = t / "llama.yaml"
     cfg.write_text("model:\n  model_config:\n    qkv_concat: false\n")
-    return Run(_mf(src, t / "cfg" / "out.ckpt", "--config", cfg), {"SRC": src, "CONFIG": cfg, "OUT": t / "cfg" / "out.ckpt"})
+    return Run(_mf(src, cfg, "--config", cfg, "--delete-existing"), {"SRC": src, "CONFIG": cfg, "OUT": cfg})
 
 
 @case("mf-reversed-out-inside-ckpt-dir", IP, "`weightport mindformers --reversed` writes HF next to the .ckpt it reads",

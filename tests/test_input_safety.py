@@ -242,12 +242,20 @@ def test_mindformers_command_protects_its_inputs(hf, tmp_path):
                    f"{inside}: is, contains or lies inside the input {src} (--input_path); choose another output")
     cfg_dir = tmp_path / "cfg"
     cfg_dir.mkdir()
-    (cfg_dir / "llama.yaml").write_text("model:\n  model_config:\n    qkv_concat: false\n")
-    one_line_error(cli("mindformers", "--model", "llama", "--input_path", src, "--config", cfg_dir / "llama.yaml",
-                       "--output_path", cfg_dir / "out.ckpt"),
-                   f"{cfg_dir / 'out.ckpt'}: is, contains or lies inside the input {cfg_dir / 'llama.yaml'} "
-                   "(--config); choose another output")
+    weightport.convert(src, tmp_path / "ms-ref", "mindspore")
+    (cfg_dir / "llama.yaml").write_bytes((tmp_path / "ms-ref" / "mindformers.yaml").read_bytes())
+    cfg = cfg_dir / "llama.yaml"
+    one_line_error(cli("mindformers", "--model", "llama", "--input_path", src, "--config", cfg, "--output_path", cfg,
+                       "--delete-existing"),
+                   f"{cfg}: is, contains or lies inside the input {cfg} (--config); choose another output")
+    proc = cli("mindformers", "--model", "llama", "--reversed", "--input_path", src, "--config", cfg,
+               "--output_path", cfg_dir, "--delete-existing")
+    one_line_error(proc, f"{cfg_dir}: is, contains or lies inside the input {cfg} (--config); choose another output")
     assert sorted(p.name for p in cfg_dir.iterdir()) == ["llama.yaml"]
+    # a yaml is read alone: writing beside it is allowed, as MindFormers' own scripts are used
+    assert cli("mindformers", "--model", "llama", "--input_path", src, "--config", cfg,
+               "--output_path", cfg_dir / "out.ckpt").returncode == 0
+    assert cfg.read_bytes() == (tmp_path / "ms-ref" / "mindformers.yaml").read_bytes()
 
     out = tmp_path / "ms" / "model.ckpt"
     out.parent.mkdir()

@@ -318,7 +318,7 @@ def _verify(args) -> int:
         raise WeightportError("verify needs A and B (or --manifest OUT)")
     if args.report:
         check_report_file(args.report, {"A": args.a, "B": args.b, "--data": args.data, "--tokenizer": args.tokenizer},
-                          "--report")
+                          "--report", alone=("--data", "--tokenizer"))
     report = verify.verify(args.a, args.b, format_a=args.format_a, format_b=args.format_b, data=args.data,
                            samples=args.samples, runtime=args.runtime, runtime_python=args.runtime_python,
                            tokenizer=args.tokenizer, tensors_only=args.tensors_only,
@@ -337,7 +337,7 @@ def _mindformers(args) -> int:
 def _eval_captions(args) -> int:
     if args.report:
         check_report_file(args.report, {"MODEL": args.model, "--data": args.data, "--tokenizer": args.tokenizer},
-                          "--report")
+                          "--report", alone=("--data", "--tokenizer"))
     result = verify.eval_captions(args.model, source_format=args.source_format, data=args.data,
                                   samples=args.samples, tokenizer=args.tokenizer)
     if args.report:

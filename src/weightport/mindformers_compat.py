@@ -150,7 +150,7 @@ def run(args) -> str:
         src = src.parent  # MindFormers <= 1.3 took a file inside the HF directory
     inputs = {"--input_path": src, "--config": args.config}
     api.check_inputs(inputs)
-    check_not_input(out, inputs)
+    check_not_input(out, inputs, alone=("--config",))  # a yaml is read alone
     dtype = DTYPES[args.dtype] if args.dtype else "auto"
     notes = _ignored(args)
     layout = _layout(args, notes)

@@ -79,20 +79,21 @@ def confined(directory: Path, name, what: str) -> Path:
     return path
 
 
-def _root(path: Path) -> Path:
-    """The directory an input stands for: itself, or for a file the directory holding it (formats
-    read the files beside a checkpoint file)."""
+def _root(path: Path, alone: bool) -> Path:
+    """What an input stands for: a directory itself; a file its directory (formats read the files
+    beside a checkpoint), unless it is read `alone` (a yaml config, a data shard)."""
     real = path.resolve()
-    return real if real.is_dir() else real.parent
+    return real if alone or real.is_dir() else real.parent
 
 
-def check_not_input(out: str | Path, inputs: dict[str, str | Path | None]) -> None:
-    """`out` may not be, contain or lie inside any input (resolved through symlinks and `..`)."""
+def check_not_input(out: str | Path, inputs: dict[str, str | Path | None], alone: tuple[str, ...] = ()) -> None:
+    """`out` may not be, contain or lie inside any input (resolved through symlinks and `..`).
+    `alone`: the flags of `inputs` whose files are read by themselves, so only the file is theirs."""
     o = Path(out).resolve()
     for flag, path in inputs.items():
         if path is None:
             continue
-        root = _root(Path(path))
+        root = _root(Path(path), flag in alone)
         if o == root or o.is_relative_to(root) or root.is_relative_to(o):
             raise WeightportError(f"{out}: is, contains or lies inside the input {path} ({flag}); choose another "
                                   "output")
@@ -150,10 +151,11 @@ def check_output(out: str | Path, inputs: dict[str, str | Path | None], *, force
 REPORT_TOOL = "weightport"  # the "tool" key of every JSON report weightport writes
 
 
-def check_report_file(out: str | Path, inputs: dict[str, str | Path | None], flag: str) -> None:
+def check_report_file(out: str | Path, inputs: dict[str, str | Path | None], flag: str,
+                      alone: tuple[str, ...] = ()) -> None:
     """A JSON report file (`--report FILE`) may not lie inside an input, and replaces only an
     earlier weightport report."""
-    check_not_input(out, inputs)
+    check_not_input(out, inputs, alone)
     out = Path(out)
     if not (out.exists() or out.is_symlink()):
         if not out.parent.is_dir():  # found now, not once the run is over
