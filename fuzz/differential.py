@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from weightport.errors import WeightportError
-from weightport.io.ms_ckpt import MS_DTYPES, MsCkptFile, MsCkptWriter
+from weightport.formats.mindspore.ckpt import MS_DTYPES, MsCkptFile, MsCkptWriter
 from weightport.io.pickle_scan import globals_in_torch_zip
 from weightport.io.safetensors_file import SafetensorsFile
 from weightport.io.torch_file import INERT_GLOBALS, INERT_PACKAGES, TorchFile, _torch_allowed
@@ -953,7 +953,7 @@ def _ms_str(s: str) -> bytes:
 
 
 def seed_ckpt_records() -> list[list[Rec]]:
-    from weightport.io.ms_ckpt import TORCH_TO_MS
+    from weightport.formats.mindspore.ckpt import TORCH_TO_MS
 
     g = torch.Generator().manual_seed(2)
     ts = {"model.embed.weight": torch.randn(3, 4, generator=g), "norm": torch.arange(5, dtype=torch.float16),

@@ -22,6 +22,7 @@ import atheris
 with atheris.instrument_imports(include=["weightport"]):
     from weightport.errors import WeightportError
     from weightport.hf_config import load_json, load_yaml
+    from weightport.formats.mindspore import open_weights
     from weightport.io import open_files
 
 HERE = Path(__file__).resolve().parent
@@ -37,7 +38,7 @@ def read(target: str, path: Path) -> None:
     elif target == "litgpt-yaml":
         load_yaml(path)
     else:
-        with open_files([path]) as source:
+        with (open_weights(path) if target == "ckpt" else open_files([path])) as source:  # MindSpore's codec
             for name in source.tensors:
                 source.load(name)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from weightport.io.ms_ckpt import MsCkptWriter
+from weightport.formats.mindspore.ckpt import MsCkptWriter
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 

@@ -153,11 +153,10 @@ def litgpt_logits(peer, ckpt: Path, tmp: Path, tokens=TOKENS) -> torch.Tensor:
     """LitGPT's logits for `tokens`, through the runner `weightport verify --runtime litgpt` uses."""
     import numpy as np
 
-    from weightport.verify.inputs import Inputs
-    from weightport.verify.runtimes import run_litgpt
+    from weightport.formats.litgpt.runtime import run_litgpt
 
     out = tmp / "lit_logits"
-    run_litgpt(ckpt, Inputs(tokens, [], "test tokens"), out, litgpt_python())
+    run_litgpt(ckpt, tokens, out, litgpt_python())
     return torch.stack([torch.from_numpy(np.load(out / f"{i}.npy")) for i in range(len(tokens))])
 
 
@@ -250,7 +249,7 @@ def apply_rules(rules, tensors: dict, backward: bool) -> dict:
 
 def ckpt_names(path: Path) -> list[str]:
     """The tensor names of a MindSpore .ckpt, in file order (weightport's own reader)."""
-    from weightport.io.ms_ckpt import MsCkptFile
+    from weightport.formats.mindspore.ckpt import MsCkptFile
 
     f = MsCkptFile(path)
     try:

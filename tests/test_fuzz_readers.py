@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from weightport import api
 from weightport.errors import WeightportError
+from weightport.formats.mindspore import open_weights
 from weightport.io import open_files
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))
@@ -41,7 +42,7 @@ def valid(tmp_path_factory) -> dict[str, bytes]:
     root = tmp_path_factory.mktemp("fuzz-valid")
     save_file(_tensors(), root / "x.safetensors", metadata={"format": "pt"})
     torch.save(_tensors(), root / "x.bin")
-    from weightport.io.ms_ckpt import MsCkptWriter
+    from weightport.formats.mindspore.ckpt import MsCkptWriter
 
     w = MsCkptWriter(root / "x.ckpt", crc=True)
     for n, t in _tensors().items():
@@ -52,7 +53,7 @@ def valid(tmp_path_factory) -> dict[str, bytes]:
 
 def read_everything(path: Path) -> None:
     """What a conversion does with a file: open it, then load every tensor it lists."""
-    with open_files([path]) as source:
+    with (open_weights(path) if path.suffix == ".ckpt" else open_files([path])) as source:  # MindSpore's codec
         for name in source.tensors:
             source.load(name)
 

@@ -175,7 +175,7 @@ def test_help_says_which_release_each_family_follows():
     proc = run_cli("mindformers", "--help")
     assert proc.returncode == 0
     text = " ".join(proc.stdout.split())
-    from weightport.mindformers_compat import RELEASES
+    from weightport.formats.mindspore.compat import RELEASES
 
     assert RELEASES == {"baichuan2": "v1.3.2", "internlm": "v1.3.2", "qwen": "v1.3.2",
                         "internlm2": "v1.5.0", "qwenvl": "v1.5.0", "cogvlm2": "v1.5.0"}

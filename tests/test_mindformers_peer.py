@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 
 import weightport
 from conftest import build_hf
-from weightport.io.ms_ckpt import TORCH_TO_MS, MsCkptFile
+from weightport.formats.mindspore.ckpt import TORCH_TO_MS, MsCkptFile
 
 # source dtype, weightport's dtype= (None: its default), the peer's --dtype, the tensor_type both write
 CASES = {

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 import weightport
 from conftest import assert_mindspore_holds, assert_same_tensors, ckpt_names, run_cli
 from weightport.archs import model_from_hf_config
-from weightport.formats.mindformers import names_for
+from weightport.formats.mindspore.families import names_for
 from weightport.verify import verify
 
 E, I, V, HEADS, LAYERS = 64, 96, 128, 4, 2

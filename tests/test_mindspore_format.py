@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 import weightport
 from conftest import assert_mindspore_holds, build_hf, mindspore_values, run_cli
-from weightport.io.ms_ckpt import MsCkptFile, MsCkptWriter
-from weightport.mindformers_compat import MODELS as MINDFORMERS_KEYS
+from weightport.formats.mindspore.ckpt import MsCkptFile, MsCkptWriter
+from weightport.formats.mindspore.compat import MODELS as MINDFORMERS_KEYS
 from weightport.verify import verify
 
 # MindFormers' conversion table entries with a transformers implementation, by our test models

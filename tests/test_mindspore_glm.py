@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import weightport
 from conftest import ckpt_names, run_cli
-from weightport.io.ms_ckpt import TORCH_TO_MS, MsCkptFile
+from weightport.formats.mindspore.ckpt import TORCH_TO_MS, MsCkptFile
 from weightport.verify import verify
 
 CONFIG = {

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from weightport.errors import WeightportError
-from weightport.io import ms_ckpt, open_files
-from weightport.io.ms_ckpt import CHUNK_BYTES, MS_DTYPES, TORCH_TO_MS, MsCkptFile, MsCkptWriter, record_header
+from weightport.formats.mindspore import ckpt as ms_ckpt
+from weightport.formats.mindspore import open_weights
+from weightport.formats.mindspore.ckpt import CHUNK_BYTES, MS_DTYPES, TORCH_TO_MS, MsCkptFile, MsCkptWriter, record_header
 
 
 # --- the schema, built at runtime (mindspore.train.checkpoint_pb2 needs MindSpore) -----------
@@ -286,10 +287,10 @@ def test_indexing_reads_headers_only(tmp_path, monkeypatch):
         f.close()
 
 
-def test_tensor_source_dispatches_ckpt(tmp_path):
+def test_the_format_opens_a_ckpt_as_a_tensor_source(tmp_path):
     tensors = {"x": sample(torch.float16, (2, 3)), "y": torch.tensor(3, dtype=torch.int64)}
     path = write(tmp_path / "m.ckpt", tensors)
-    with open_files([path]) as src:
+    with open_weights(path) as src:
         assert {n: (m.shape, m.dtype, m.file) for n, m in src.tensors.items()} == {
             "x": ((2, 3), torch.float16, path), "y": ((), torch.int64, path)}
         assert same(src.load("x"), tensors["x"])

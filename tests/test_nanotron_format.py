@@ -17,7 +17,7 @@ from weightport.hf_config import rope_scaling
 from conftest import assert_same_tensors, build_hf, hf_logits, run_cli
 from weightport.errors import WeightportError
 from weightport.formats.nanotron.llama import FIELDS
-from weightport.io.nanotron_shards import Sharding, pairs_to_str, shape_from_str, shard_pairs
+from weightport.formats.nanotron.shards import Sharding, pairs_to_str, shape_from_str, shard_pairs
 
 # nH=8, nKV=4 so every TP size up to 4 gives each rank whole heads
 GQA8 = dict(num_attention_heads=8, num_key_value_heads=4)
@@ -303,7 +303,7 @@ def test_bfloat16_and_lazy_headers(tmp_path):
     src = build_hf("llama3", tmp_path / "bf16", dtype=torch.bfloat16)
     nt = _round_trip(src, tmp_path, 2)
     assert yaml.safe_load((nt / "config.yaml").read_text())["model"]["dtype"] == "bfloat16"
-    from weightport.io.nanotron_shards import NanotronSource
+    from weightport.formats.nanotron.shards import NanotronSource
 
     with NanotronSource(nt / "model") as source:
         qkv = "model.decoder.0.pp_block.attn.qkv_proj.weight"

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from llava_parts import build_clip, build_llm, build_xtuner_dir, llava_hf_logits, pixels, projector_weights, prompt
 from weightport import api
 from weightport.cli import main
-from weightport.image_preprocess import clip_pixels
+from weightport.formats.onnx.image_preprocess import clip_pixels
 
 
 @pytest.fixture(scope="module")

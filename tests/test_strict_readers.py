@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from conftest import build_hf, run_cli
 from weightport.errors import WeightportError
-from weightport.io.ms_ckpt import MsCkptFile, _varint
+from weightport.formats.mindspore.ckpt import MsCkptFile, _varint
 from weightport.io.safetensors_file import SafetensorsFile
 from weightport.io.torch_file import TorchFile
 

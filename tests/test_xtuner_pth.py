@@ -147,7 +147,7 @@ def test_every_format_gives_back_the_training_checkpoints_tensors(bases, trained
 def test_deepspeed_reads_the_zero_layouts_as_weightport_does(bases, trained, deepspeed_peer, tmp_path, stage):
     """DeepSpeed's own reader on the directories these tests build: the layout is DeepSpeed's, and
     weightport's ZeRO reader returns exactly what it returns."""
-    from weightport.io.deepspeed_zero import ZeroSource
+    from weightport.formats.llava.zero import ZeroSource
 
     sd = trained[0]
     zero = save_zero_checkpoint(tmp_path / "work" / "iter_50.pth", sd, stage=stage)

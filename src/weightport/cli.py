@@ -12,7 +12,8 @@ from dataclasses import asdict
 # makes each fresh allocation far cheaper to fault in. torch reads this once, at import.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from . import api, build, formats, mindformers_compat, verify  # noqa: E402
+from . import api, build, formats, verify  # noqa: E402
+from .formats.mindspore import compat as mindformers_compat  # noqa: E402
 from .version import __version__  # noqa: E402
 from .dtypes import CLI_DTYPES  # noqa: E402
 from .errors import Terminated, WeightportError  # noqa: E402
@@ -352,7 +353,7 @@ def _inspect(args) -> int:
 
 
 def _run(args) -> int:
-    from .run_onnx import OnnxModel
+    from .formats.onnx.run import OnnxModel
 
     model = OnnxModel(args.path)
     for rank, p in enumerate(model.top_k(args.prompt, args.top_k, args.image), 1):

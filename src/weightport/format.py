@@ -140,7 +140,9 @@ class Format:
         ranks (what is stored can depend on it: Nanotron pads a vocabulary to a multiple of TP)."""
         raise NotImplementedError
 
-    def layout(self, tensors: list[OutputTensor], options: WriteOptions) -> list[OutputFile]:
+    def files(self, tensors: list[OutputTensor], options: WriteOptions) -> list[OutputFile]:
+        """The output files and which tensors each holds, in write order (shards, per-rank files).
+        Not `layouts`: those are arrangements of the tensors themselves (fused q/k/v, ...)."""
         raise NotImplementedError
 
     def writer(self, directory: Path, files: list[OutputFile]) -> Writer:

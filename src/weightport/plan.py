@@ -198,7 +198,7 @@ def build_plan(source: Checkpoint, target: Format, out_dir: Path, dtype: torch.d
             out_dtype = dtype if (dtype is not None and src_dtype.is_floating_point) else src_dtype
             outputs.append(OutputTensor(name, tuple(shape), out_dtype, alias=isinstance(rule.op, Tie) and i > 0))
         write_steps.append(Step(rule.hub, rule.fmt, rule.op, backward=False))
-    return Plan(source, target, out_dir, read_steps, write_steps, target.layout(outputs, options), dtype, dropped,
+    return Plan(source, target, out_dir, read_steps, write_steps, target.files(outputs, options), dtype, dropped,
                 options, warnings, target.write_notes(model, options))
 
 

@@ -2,7 +2,7 @@
 """LitGPT reference peer for weightport tests.
 
 Run with the LitGPT virtualenv (imports only stdlib, torch, yaml, litgpt). LitGPT's logits come
-from weightport's own runner, src/weightport/verify/litgpt_runner.py.
+from weightport's own runner, src/weightport/formats/litgpt/runner/litgpt_runner.py.
 
     .venv-litgpt/bin/python tests/peers/litgpt_peer.py convert-hf HF_DIR OUT_DIR MODEL_CONFIG_YAML
     .venv-litgpt/bin/python tests/peers/litgpt_peer.py convert-lit LIT_DIR OUT_DIR

@@ -8,7 +8,9 @@ from ..adapters import Adapter
 from ..archs import Model
 from ..errors import WeightportError
 from ..format import Format
-from . import hf, litgpt, peft, llava_hf, llava_official, mindspore, nanotron, onnx, xtuner_llava, xtuner_pth
+from . import hf, litgpt, mindspore, nanotron, onnx, peft
+from .llava import llava_hf, xtuner_llava, xtuner_pth
+from .llava import official as llava_official
 
 FORMATS: dict[str, Format] = {f.name: f for f in (hf.FORMAT, litgpt.FORMAT, mindspore.FORMAT, nanotron.FORMAT,
                                                   xtuner_llava.FORMAT, llava_official.FORMAT, llava_hf.FORMAT,

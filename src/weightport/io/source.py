@@ -10,7 +10,6 @@ import torch
 from ..dtypes import itemsize
 from ..errors import WeightportError
 from ..paths import check_regular
-from .ms_ckpt import MsCkptFile
 from .safetensors_file import SafetensorsFile
 from .torch_file import TorchFile
 
@@ -35,8 +34,6 @@ def open_file(path: Path):
     check_regular(path)
     if path.suffix == ".safetensors":
         return SafetensorsFile(path)
-    if path.suffix == ".ckpt":
-        return MsCkptFile(path)
     return TorchFile(path)
 
 

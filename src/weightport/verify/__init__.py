@@ -210,7 +210,8 @@ def _inputs(a: Path, b: Path, data, samples: int, tokenizer, vocab: int):
 def _run_function_level(report: VerifyReport, a: Path, b: Path, data, samples, runtime, runtime_python,
                         tokenizer, vocab) -> FunctionResult:
     from .function import compare_logits
-    from .runtimes import litgpt_python, run_litgpt, run_transformers
+    from ..formats.litgpt.runtime import litgpt_python, run_litgpt
+    from .runtimes import run_transformers
 
     inputs = _inputs(a, b, data, samples, tokenizer, vocab)
     python = litgpt_python(runtime_python) if runtime == "litgpt" else None
@@ -218,7 +219,7 @@ def _run_function_level(report: VerifyReport, a: Path, b: Path, data, samples, r
         work = Path(tmp)
         run_transformers(_hub_dir(a, report.a, work, "a-hf"), inputs, work / "logits-a")
         if runtime == "litgpt":
-            run_litgpt(b if b.is_dir() else b.parent, inputs, work / "logits-b", python)
+            run_litgpt(b if b.is_dir() else b.parent, inputs.sequences, work / "logits-b", python)
         else:
             run_transformers(_hub_dir(b, report.b, work, "b-hf"), inputs, work / "logits-b")
         return compare_logits(work / "logits-a", work / "logits-b", inputs, vocab,

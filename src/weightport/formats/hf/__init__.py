@@ -116,7 +116,7 @@ class HFFormat(Format):
     def target_rules(self, model: Model, layout: str | None = None, tp: int = 1) -> list[Rule]:
         return identity_rules(list(model.hub_tensors()))
 
-    def layout(self, tensors: list[OutputTensor], options: WriteOptions) -> list[OutputFile]:
+    def files(self, tensors: list[OutputTensor], options: WriteOptions) -> list[OutputFile]:
         shards: list[list[OutputTensor]] = [[]]
         size = 0
         for t in tensors:

@@ -140,7 +140,7 @@ class LitGPTFormat(Format):
     def target_rules(self, model: Model, layout: str | None = None, tp: int = 1) -> list[Rule]:
         return litgpt_rules(model)
 
-    def layout(self, tensors: list[OutputTensor], options: WriteOptions) -> list[OutputFile]:
+    def files(self, tensors: list[OutputTensor], options: WriteOptions) -> list[OutputFile]:
         return [OutputFile(WEIGHTS, tensors)]
 
     def writer(self, directory: Path, files: list[OutputFile]) -> Writer:

@@ -1,9 +1,10 @@
 """MindSpore Transformers (MindFormers) checkpoints: MindFormers parameter names in a MindSpore
 `.ckpt` or in the safetensors files newer MindFormers versions save (metadata format "ms").
 
-Both are read and written without MindSpore (`io/ms_ckpt.py`, `io/safetensors_file.py`). The
-names and layouts of each model family live in `formats/mindformers/`; this adapter finds the
-file, the config and the layout, the same way for all of them.
+Both are read and written without MindSpore (`ckpt.py`, `io/safetensors_file.py`). The names and
+layouts of each model family live in `families/`; this adapter finds the file, the config and the
+layout, the same way for all of them. `compat.py` is MindFormers' own `convert_weight.py` command
+line (`weightport mindformers`).
 """
 
 from __future__ import annotations
@@ -16,16 +17,17 @@ import yaml
 from ...archs import Model, model_from_hf_config
 from ...errors import WeightportError
 from ...hf_config import load_json, load_yaml
-from ...io import open_files
-from ...io.ms_ckpt import MsCkptWriter
+from ...io import TensorSource, open_files
+from ...paths import check_regular
+from .ckpt import MsCkptFile, MsCkptWriter
 from ...io.safetensors_file import safetensors_metadata
 from ...rules import Rule
 from ..hf import ShardedSafetensorsWriter
 from ...format import Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions
 from ..common import find_side_files, write_hf_sidecar
-from ..mindformers import ALL_LAYOUTS, BY_ARCH, names_for
-from ..mindformers import from_yaml as mindformers_yaml
-from ..mindformers.llama_config import TRAINING_STATE
+from .families import ALL_LAYOUTS, BY_ARCH, names_for
+from .families import from_yaml as mindformers_yaml
+from .families.llama_config import TRAINING_STATE
 
 YAML = "mindformers.yaml"
 # file container -> the weights file we write
@@ -51,6 +53,14 @@ def _find(path: Path) -> Path:
     return found[0]
 
 
+def open_weights(path: Path) -> TensorSource:
+    """A MindSpore weights file: a .ckpt through this format's own codec, a .safetensors as any other."""
+    if path.suffix != ".ckpt":
+        return open_files([path])
+    check_regular(path)
+    return TensorSource([MsCkptFile(path)])
+
+
 class MindSporeFormat(Format):
     name = "mindspore"
     title = ("MindSpore Transformers / MindFormers (.ckpt or MindSpore safetensors, MindFormers names; layouts: "
@@ -67,7 +77,7 @@ class MindSporeFormat(Format):
     def open(self, path: Path, layout: str | None = None) -> Checkpoint:
         weights = _find(path)
         directory = weights.parent
-        source = open_files([weights])
+        source = open_weights(weights)
         try:
             model, recorded, notes = _read_config(directory)
             names_set = names_for(model)
@@ -113,7 +123,7 @@ class MindSporeFormat(Format):
                                   f"({', '.join(names_set.layouts)})")
         return sorted(names_set.rules(model, layout, None), key=lambda r: names_set.write_order(r.fmt[0], layout))
 
-    def layout(self, tensors: list[OutputTensor], options: WriteOptions) -> list[OutputFile]:
+    def files(self, tensors: list[OutputTensor], options: WriteOptions) -> list[OutputFile]:
         container = options.container or "ckpt"
         if container not in CONTAINERS:
             raise WeightportError(f"format mindspore has no container {container!r} (choose {', '.join(CONTAINERS)})")

@@ -2,7 +2,7 @@
 TP shard, model_config.json, config.yaml and checkpoint_metadata.json.
 
 The format's tensors are Nanotron's *unsharded* parameters; cutting them into TP shards and
-putting them back together is the job of io/nanotron_shards.py. What differs by architecture
+putting them back together is the job of shards.py. What differs by architecture
 (rules, which parameters are split how, the config's fields) lives in one module each: llama.py
 and idefics3.py; this adapter finds the files and the config the same way for both.
 """
@@ -19,7 +19,7 @@ from ...archs import Model, model_from_hf_config
 from ...dtypes import short_name
 from ...errors import WeightportError
 from ...hf_config import load_json, load_yaml
-from ...io.nanotron_shards import (VERSION, VERSIONS, NanotronSource, NanotronWriter, ShardFile, Sharding,
+from .shards import (VERSION, VERSIONS, NanotronSource, NanotronWriter, ShardFile, Sharding,
                                    file_name, local_shape, shard_metadata, shard_pairs)
 from ...rules import Rule
 from ...format import Checkpoint, Format, OutputTensor, Writer, WriteOptions
@@ -88,7 +88,7 @@ class NanotronFormat(Format):
         arch = ARCHS[model.arch.name]
         return arch.rules(model, layout == "interleaved", arch.vocab_rows(model, tp))
 
-    def layout(self, tensors: list[OutputTensor], options: WriteOptions) -> list[ShardFile]:
+    def files(self, tensors: list[OutputTensor], options: WriteOptions) -> list[ShardFile]:
         tp = options.tp
         # layout is not given the model; the text embedding's name tells the two module trees apart
         arch = idefics3 if any(t.name == idefics3.EMBED for t in tensors) else llama

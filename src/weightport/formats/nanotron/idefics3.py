@@ -27,7 +27,7 @@ from ...archs import Model
 from ...archs.idefics3 import text_config, vision_config, vision_sizes
 from ...archs.llama_family import LLAMA
 from ...errors import WeightportError
-from ...io.nanotron_shards import Sharding
+from .shards import Sharding
 from ...ops import Chain, Concat, Identity, PadRows, Tie
 from ...rules import Rule, expand, rename
 from ...format import OutputTensor, WriteOptions

@@ -12,7 +12,7 @@ from __future__ import annotations
 from ...archs import Model
 from ...errors import WeightportError
 from ...hf_config import rope_scaling, rope_theta, set_rope
-from ...io.nanotron_shards import Sharding
+from .shards import Sharding
 from ...ops import Chain, Concat, Identity, Parallel, RotaryPermute
 from ...rules import Rule, expand, rename
 from ...format import OutputTensor, WriteOptions

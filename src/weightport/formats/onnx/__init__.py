@@ -30,7 +30,7 @@ from ...paths import check_regular, confined
 from ...rules import Rule, rename
 from ...format import Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions
 from ..common import find_side_files, write_hf_sidecar, write_json
-from .. import llava_hf
+from ..llava import llava_hf
 from . import decoder, vision
 from .external_data import ExternalDataFile, ExternalDataWriter, offsets
 
@@ -133,7 +133,7 @@ class OnnxFormat(Format):
     def target_rules(self, model: Model, layout: str | None = None, tp: int = 1) -> list[Rule]:
         return onnx_rules(model)
 
-    def layout(self, tensors: list[OutputTensor], options: WriteOptions) -> list[OutputFile]:
+    def files(self, tensors: list[OutputTensor], options: WriteOptions) -> list[OutputFile]:
         if not tensors[0].name.startswith(VISION):
             return [OutputFile(DATA, tensors)]
         files = {g: OutputFile(f"{g}.onnx.data", []) for g in LLAVA_GRAPHS}

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from ...archs import Model
-from ...errors import WeightportError
-from ...hf_config import rope_scaling, rope_theta, set_rope
-from ...ops import Stack
-from ...rules import Rule, expand, renames
+from ....archs import Model
+from ....errors import WeightportError
+from ....hf_config import rope_scaling, rope_theta, set_rope
+from ....ops import Stack
+from ....rules import Rule, expand, renames
 from .base import MS_DTYPE_NAMES, NameSet
 
 LAYOUTS = {"separate": "every projection under its own name, routed experts stacked (experts, out, in) "

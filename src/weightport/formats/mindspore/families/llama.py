@@ -8,10 +8,10 @@ and, where the names tell, detected on read.
 
 from __future__ import annotations
 
-from ...archs import Model
-from ...errors import WeightportError
-from ...ops import Chain, Concat, Each, GroupInterleave, Stack, Tie, Transpose
-from ...rules import Rule, expand, rename
+from ....archs import Model
+from ....errors import WeightportError
+from ....ops import Chain, Concat, Each, GroupInterleave, Stack, Tie, Transpose
+from ....rules import Rule, expand, rename
 from .base import NameSet
 from .llama_config import from_yaml, to_mindformers
 

@@ -7,9 +7,9 @@ from typing import Callable
 
 import torch
 
-from ...archs import Model
-from ...errors import WeightportError
-from ...rules import Rule
+from ....archs import Model
+from ....errors import WeightportError
+from ....rules import Rule
 
 
 # compute_dtype / param_init_type in MindFormers yamls

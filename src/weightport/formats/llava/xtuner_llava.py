@@ -14,21 +14,22 @@ from pathlib import Path
 
 import torch
 
-from .. import adapters
-from ..archs import Model
-from ..archs.llava import TEXT, projector_bias, vision_sizes
-from ..dtypes import short_name
-from ..errors import WeightportError
-from ..hf_config import load_json
-from ..io import open_files
-from ..io.parts import PartsSource
-from ..rules import Rule
-from . import llava_parts, xtuner_projector_code
-from .llava_parts import IMAGE_PROCESSOR
-from ..format import Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions
-from .common import copy_side_files, find_side_files, write_json
-from .hf import FORMAT as HF, ShardedSafetensorsWriter, _weight_files
-from .peft.read import read_peft
+from ... import adapters
+from ...archs import Model
+from ...archs.llava import TEXT, projector_bias, vision_sizes
+from ...dtypes import short_name
+from ...errors import WeightportError
+from ...hf_config import load_json
+from ...io import open_files
+from ...io.parts import PartsSource
+from ...rules import Rule
+from . import parts as llava_parts
+from . import projector_code as xtuner_projector_code
+from .parts import IMAGE_PROCESSOR
+from ...format import Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions
+from ..common import copy_side_files, find_side_files, write_json
+from ..hf import FORMAT as HF, ShardedSafetensorsWriter, _weight_files
+from ..peft.read import read_peft
 
 PROJECTOR_DIR, VISION_DIR = "projector", "visual_encoder"
 LLM_ADAPTER, VISION_ADAPTER = "llm_adapter", "visual_encoder_adapter"
@@ -123,12 +124,12 @@ class XtunerLlavaFormat(Format):
                   for r in llava_parts.projector_rules(model, llava_parts.XTUNER_PROJECTOR)]
         return rules
 
-    def layout(self, tensors: list[OutputTensor], options: WriteOptions) -> list[OutputFile]:
+    def files(self, tensors: list[OutputTensor], options: WriteOptions) -> list[OutputFile]:
         by_dir: dict[str, list[OutputTensor]] = {"": [], VISION_DIR: [], PROJECTOR_DIR: []}
         for t in tensors:
             d = t.name.split("/")[0] if "/" in t.name else ""
             by_dir[d].append(t)
-        files = HF.layout(by_dir[""], options)
+        files = HF.files(by_dir[""], options)
         for d in (VISION_DIR, PROJECTOR_DIR):
             files.append(OutputFile(f"{d}/model.safetensors", by_dir[d]))
         return files

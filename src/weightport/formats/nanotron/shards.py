@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import WeightportError
-from .safetensors_file import SafetensorsFile, SafetensorsStreamWriter
-from .source import AssembledSource, TensorMeta
+from ...errors import WeightportError
+from ...io.safetensors_file import SafetensorsFile, SafetensorsStreamWriter
+from ...io.source import AssembledSource, TensorMeta
 
 # Nanotron's fork refuses newer versions on its resharding path; upstream (1.5) accepts 1.4.
 # Nanotron 0.4 (PyPI) reshards only <= 1.2; the shard metadata is the same in 1.2 to 1.5

@@ -6,8 +6,8 @@ looks the model's architecture up here and does the rest the same way for all of
 
 from __future__ import annotations
 
-from ...archs import Model
-from ...errors import WeightportError
+from ....archs import Model
+from ....errors import WeightportError
 from . import baichuan, cogvlm2, deepseek_v2, glm, gpt2, internlm, llama, qwen, whisper
 from .base import NameSet
 

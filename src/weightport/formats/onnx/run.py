@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import WeightportError
-from .formats.onnx import ONNX_MANIFEST
-from .hf_config import load_json
+from ...errors import WeightportError
+from . import ONNX_MANIFEST
+from ...hf_config import load_json
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 

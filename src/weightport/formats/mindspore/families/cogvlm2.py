@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from ...archs import Model
-from ...errors import WeightportError
-from ...ops import Split, Stack
-from ...rules import Rule, rename
+from ....archs import Model
+from ....errors import WeightportError
+from ....ops import Split, Stack
+from ....rules import Rule, rename
 from .base import MS_DTYPE_NAMES, NameSet
 
 LAYOUTS = {"separate": "as MindFormers' cogvlm2 convert_weight writes (--modal image or video, by the "

@@ -17,13 +17,13 @@ import shutil
 
 from pathlib import Path
 
-from . import api
-from .errors import WeightportError
-from .hf_config import load_yaml
-from .io.ms_ckpt import MsCkptFile
-from .paths import check_not_input, check_regular
-from .formats.mindformers import BY_ARCH, NAME_SETS
-from .formats.mindformers import from_yaml as mindformers_yaml
+from ... import api
+from ...errors import WeightportError
+from ...hf_config import load_yaml
+from .ckpt import MsCkptFile
+from ...paths import check_not_input, check_regular
+from .families import BY_ARCH, NAME_SETS
+from .families import from_yaml as mindformers_yaml
 
 # MindFormers --model keys we convert, and the Hugging Face architectures each accepts
 MODELS = {key: ns.key_archs.get(key, ns.archs) for ns in NAME_SETS for key in ns.keys}

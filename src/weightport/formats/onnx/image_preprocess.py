@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import WeightportError
+from ...errors import WeightportError
 
 
 def clip_pixels(image: str | Path, cfg: dict, dtype=np.float32) -> np.ndarray:

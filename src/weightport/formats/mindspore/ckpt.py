@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from ..dtypes import itemsize
-from ..errors import WeightportError
-from .hashed_file import HashedFile
-from .pread import RangeFile
+from ...dtypes import itemsize
+from ...errors import WeightportError
+from ...io.hashed_file import HashedFile
+from ...io.pread import RangeFile
 
 # MindSpore's SLICE_SIZE (512 * 1024 KB): the most tensor_content bytes one record holds
 CHUNK_BYTES = 512 * 2**20

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import torch
 
-from ...archs import Model
-from ...archs.qwen import visual_sizes
-from ...errors import WeightportError
-from ...ops import Chain, GroupInterleave, Invert, Split, Transpose
-from ...rules import Rule, expand, renames
+from ....archs import Model
+from ....archs.qwen import visual_sizes
+from ....errors import WeightportError
+from ....ops import Chain, GroupInterleave, Invert, Split, Transpose
+from ....rules import Rule, expand, renames
 from .base import MS_DTYPE_NAMES, NameSet
 
 LAYOUTS = {

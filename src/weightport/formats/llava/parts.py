@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..archs import Model, model_from_hf_config
-from ..archs.llava import LLAVA, PROJECTOR, TEXT, TEXT_ARCHS, VISION, vision_sizes, vision_tensors
-from ..errors import WeightportError
-from ..hf_config import load_json, rope_scaling, rope_theta, set_rope, vision_tower_config
-from ..rules import Rule
+from ...archs import Model, model_from_hf_config
+from ...archs.llava import LLAVA, PROJECTOR, TEXT, TEXT_ARCHS, VISION, vision_sizes, vision_tensors
+from ...errors import WeightportError
+from ...hf_config import load_json, rope_scaling, rope_theta, set_rope, vision_tower_config
+from ...rules import Rule
 
 IMAGE_PROCESSOR = "preprocessor_config.json"
 # CLIPImageProcessor as openai/clip-vit-large-patch14-336 ships it; sizes follow the vision tower

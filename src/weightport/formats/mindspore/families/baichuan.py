@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from ...archs import Model
-from ...errors import WeightportError
-from ...ops import Split
-from ...rules import Rule, expand, rename, renames
+from ....archs import Model
+from ....errors import WeightportError
+from ....ops import Split
+from ....rules import Rule, expand, rename, renames
 from .base import MS_DTYPE_NAMES, NameSet
 
 LAYOUTS = {"separate": "W_pack split into wq/wk/wv, MLP w1/w2/w3 (what MindFormers' baichuan2 converter writes)"}

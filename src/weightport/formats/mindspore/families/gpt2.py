@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from ...archs import Model
-from ...errors import WeightportError
-from ...ops import Chain, Each, Split, Transpose
-from ...rules import Rule, expand, renames
+from ....archs import Model
+from ....errors import WeightportError
+from ....ops import Chain, Each, Split, Transpose
+from ....rules import Rule, expand, renames
 from .base import MS_DTYPE_NAMES, NameSet
 
 LAYOUTS = {"separate": "q, k, v split out of c_attn as attention.dense1/2/3 with (out, in) weights, the other "

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import WeightportError
-from ..paths import check_regular, confined
-from .source import AssembledSource, TensorMeta
-from .torch_file import Inert, first_line, load_weights_only
+from ...errors import WeightportError
+from ...paths import check_regular, confined
+from ...io.source import AssembledSource, TensorMeta
+from ...io.torch_file import Inert, first_line, load_weights_only
 
 MODEL_STATES_ZERO2 = "mp_rank_00_model_states.pt"
 MODEL_STATES_ZERO3 = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt")

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from ...archs import Model
-from ...errors import WeightportError
-from ...ops import AddAxis, Identity
-from ...rules import Rule
+from ....archs import Model
+from ....errors import WeightportError
+from ....ops import AddAxis, Identity
+from ....rules import Rule
 from .base import MS_DTYPE_NAMES, NameSet
 
 # "separate" is the layout name MindFormers' default converter output goes by for every family

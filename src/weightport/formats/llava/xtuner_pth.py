@@ -15,17 +15,17 @@ import re
 import zipfile
 from pathlib import Path
 
-from ..archs.llava import TEXT
-from ..errors import WeightportError
-from ..io import open_files
-from ..io.deepspeed_zero import is_zero_checkpoint, open_zero_checkpoint
-from ..io.parts import PartsSource
-from ..rules import Rule
-from . import llava_parts
-from ..format import Checkpoint, Format
-from .common import find_side_files
-from .hf import FORMAT as HF, _weight_files
-from .llava_parts import IMAGE_PROCESSOR
+from ...archs.llava import TEXT
+from ...errors import WeightportError
+from ...io import open_files
+from .zero import is_zero_checkpoint, open_zero_checkpoint
+from ...io.parts import PartsSource
+from ...rules import Rule
+from . import parts as llava_parts
+from ...format import Checkpoint, Format
+from ..common import find_side_files
+from ..hf import FORMAT as HF, _weight_files
+from .parts import IMAGE_PROCESSOR
 
 LLM, VISUAL, PROJ = "llm.", "visual_encoder.", "projector."
 LORA = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "base_model.model.")
@@ -153,7 +153,7 @@ _TRAINING_LORA = re.compile(r"^(?P<part>llm|visual_encoder)\.base_model\.model\.
 def _merge_training_lora(ckpt: Checkpoint, path: Path, names: list[str], alpha: float) -> Checkpoint:
     """The LoRA weights xtuner's LLaVAModel saves for a LoRA-trained LLM or ViT, merged with scale
     alpha / r (r from lora_A's rows)."""
-    from ..adapters import Adapter, Delta, merge
+    from ...adapters import Adapter, Delta, merge
     from .xtuner_llava import _vision_hub_name
 
     pairs: dict[str, dict[str, str]] = {}

@@ -19,19 +19,19 @@ from pathlib import Path
 
 import torch
 
-from .. import tokenizer_files
-from ..archs import Model, model_from_hf_config
-from ..archs.llava import TEXT, vision_sizes
-from ..dtypes import short_name
-from ..errors import WeightportError
-from ..hf_config import load_json
-from ..ops import Chain, Invert, PadRows
-from ..rules import Rule
-from . import llava_parts
-from ..format import Checkpoint, WriteOptions
-from .common import copy_side_files, write_json
-from .hf import HFFormat
-from .llava_parts import IMAGE_PROCESSOR
+from ... import tokenizer_files
+from ...archs import Model, model_from_hf_config
+from ...archs.llava import TEXT, vision_sizes
+from ...dtypes import short_name
+from ...errors import WeightportError
+from ...hf_config import load_json
+from ...ops import Chain, Invert, PadRows
+from ...rules import Rule
+from . import parts as llava_parts
+from ...format import Checkpoint, WriteOptions
+from ..common import copy_side_files, write_json
+from ..hf import HFFormat
+from .parts import IMAGE_PROCESSOR
 
 PROCESSOR = "LlavaProcessor"
 IMAGE, PAD = "<image>", "<pad>"

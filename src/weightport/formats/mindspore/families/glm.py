@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from ...archs import Model
-from ...ops import Chain, Concat, Identity, Invert, Parallel, RotaryPermute, Split
-from ...rules import Rule, expand, rename
+from ....archs import Model
+from ....ops import Chain, Concat, Identity, Invert, Parallel, RotaryPermute, Split
+from ....rules import Rule, expand, rename
 from .base import MS_DTYPE_NAMES, NameSet
 
 # layout -> (qkv_concat and mlp_concat, use_rearrange_rope)

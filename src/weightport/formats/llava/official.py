@@ -17,20 +17,20 @@ from pathlib import Path
 
 import torch
 
-from ..archs import Model
-from ..archs.llava import TEXT, text_config, vision_sizes
-from ..dtypes import short_name
-from ..errors import WeightportError
-from ..hf_config import load_json
-from ..io import open_files
-from ..io.parts import PartsSource
-from ..rules import Rule
-from . import llava_parts
-from ..format import Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions
-from .common import copy_side_files, find_side_files, write_json
-from ..staging import final_dir
-from .hf import FORMAT as HF, _weight_files
-from .llava_parts import IMAGE_PROCESSOR
+from ...archs import Model
+from ...archs.llava import TEXT, text_config, vision_sizes
+from ...dtypes import short_name
+from ...errors import WeightportError
+from ...hf_config import load_json
+from ...io import open_files
+from ...io.parts import PartsSource
+from ...rules import Rule
+from . import parts as llava_parts
+from ...format import Checkpoint, Format, OutputFile, OutputTensor, Writer, WriteOptions
+from ..common import copy_side_files, find_side_files, write_json
+from ...staging import final_dir
+from ..hf import FORMAT as HF, _weight_files
+from .parts import IMAGE_PROCESSOR
 from .xtuner_llava import SubdirWriter
 
 VISION_DIR = "vision_tower"
@@ -145,9 +145,9 @@ class LlavaOfficialFormat(Format):
         rules += llava_parts.projector_rules(model, STORED_PROJECTOR)
         return rules
 
-    def layout(self, tensors: list[OutputTensor], options: WriteOptions) -> list[OutputFile]:
+    def files(self, tensors: list[OutputTensor], options: WriteOptions) -> list[OutputFile]:
         vision = [t for t in tensors if t.name.startswith(f"{VISION_DIR}/")]
-        return HF.layout([t for t in tensors if t not in vision], options) + \
+        return HF.files([t for t in tensors if t not in vision], options) + \
             [OutputFile(f"{VISION_DIR}/model.safetensors", vision)]
 
     def writer(self, directory: Path, files: list[OutputFile]) -> Writer:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from ...archs import Model
-from ...errors import WeightportError
-from ...hf_config import rope_scaling, rope_theta
-from ...ops import Chain, GroupInterleave, Invert, Split, Tie
-from ...rules import Rule, expand, rename, renames
+from ....archs import Model
+from ....errors import WeightportError
+from ....hf_config import rope_scaling, rope_theta
+from ....ops import Chain, GroupInterleave, Invert, Split, Tie
+from ....rules import Rule, expand, rename, renames
 from .base import MS_DTYPE_NAMES, NameSet
 
 L = "model.layers.{l}"

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from ...archs import Model
-from ...errors import WeightportError
-from ...hf_config import rope_scaling, rope_theta, set_rope
+from ....archs import Model
+from ....errors import WeightportError
+from ....hf_config import rope_scaling, rope_theta, set_rope
 from .base import MS_DTYPE_NAMES
 
 # non-weight records of MindFormers training checkpoints (CheckpointMonitor's append_dict)
